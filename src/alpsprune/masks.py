@@ -1,0 +1,85 @@
+"""Sparsity projections, pattern checks and the reconstruction error (SPEC §1).
+
+All functions take weights or scores in the ``(out, in)`` layout of ``nn.Linear.weight``.
+Ties are broken deterministically: among equal scores the one with the lower flat index wins,
+so the same input always gives the same mask with exactly the requested number kept.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .sparsity import SparsitySpec
+
+
+def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask keeping exactly the ``k`` largest entries of ``scores`` (layer-wide).
+
+    Selection is a linear-time ``kthvalue`` threshold plus an exact tie fill, not a full sort.
+    """
+    flat = scores.reshape(-1)
+    n = flat.numel()
+    if k >= n:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    threshold = torch.kthvalue(flat, n - k + 1).values  # k-th largest
+    keep = flat > threshold
+    missing = k - int(keep.sum())
+    if missing > 0:  # fill from the ties at the threshold, lowest index first
+        ties = flat == threshold
+        keep |= ties & (torch.cumsum(ties, 0) <= missing)
+    return keep.reshape(scores.shape)
+
+
+def nm_mask(scores: torch.Tensor, n_keep: int, m: int) -> torch.Tensor:
+    """Bool mask keeping the ``n_keep`` largest of every ``m`` consecutive inputs of each row."""
+    out_features, in_features = scores.shape
+    groups = scores.reshape(out_features, in_features // m, m)
+    # stable descending sort: among ties the lower index comes first
+    order = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :n_keep]
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(-1, order, True)
+    return mask.reshape(out_features, in_features)
+
+
+def row_topk_mask(scores: torch.Tensor, k_per_row: int) -> torch.Tensor:
+    """Bool mask keeping the ``k_per_row`` largest entries of every row (Wanda's comparison group)."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k_per_row]
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask.scatter_(-1, order, True)
+    return mask
+
+
+def mask_for(scores: torch.Tensor, spec: SparsitySpec) -> torch.Tensor:
+    """Projection of SPEC §2: the support of ``P(scores)`` — layer-wide top-k or N:M per group."""
+    if spec.is_nm:
+        return nm_mask(scores, spec.n_keep, spec.m)
+    return topk_mask(scores, spec.n_kept(*scores.shape))
+
+
+def project(x: torch.Tensor, spec: SparsitySpec) -> torch.Tensor:
+    """``P(x)``: keep the entries of ``x`` with the largest magnitude under ``spec``, zero the rest."""
+    return x * mask_for(x.abs(), spec)
+
+
+def pattern_ok(mask: torch.Tensor, spec: SparsitySpec) -> bool:
+    """True if ``mask`` has exactly the kept count (unstructured) or at most N per group (N:M)."""
+    if spec.is_nm:
+        out_features, in_features = mask.shape
+        per_group = mask.reshape(out_features, in_features // spec.m, spec.m).sum(-1)
+        return bool((per_group <= spec.n_keep).all())
+    return int(mask.sum()) == spec.n_kept(*mask.shape)
+
+
+def relative_error(dense: torch.Tensor, pruned: torch.Tensor, gram: torch.Tensor) -> float:
+    """``tr((Ŵ−W) G (Ŵ−W)ᵀ) / tr(Ŵ G Ŵᵀ)`` with the undamped gram ``G`` (SPEC §1), in float64."""
+    gram = gram.G if hasattr(gram, "G") else gram  # accept a Gram object too
+    G = gram.to(torch.float64)
+    W_hat = dense.to(device=G.device, dtype=torch.float64)
+    delta = W_hat - pruned.to(device=G.device, dtype=torch.float64)
+    num = ((delta @ G) * delta).sum()
+    den = ((W_hat @ G) * W_hat).sum()
+    if den <= 0:
+        return 0.0 if num <= 0 else float("inf")
+    return float(num / den)

@@ -1,0 +1,126 @@
+"""Input statistics of one linear layer's calibration inputs, and the factorisations derived from them.
+
+A :class:`Gram` holds ``G = XᵀX`` as a plain float64 sum over all tokens (SPEC §1, no ``1/n``),
+the input sum (for DSnoT's mean), and the token count. Linears that read the same tensor
+(q/k/v, gate/up) share one ``Gram``; every derived quantity (damped ``H``, its scaled
+eigendecomposition for ALPS, SparseGPT's inverse Cholesky factor) is computed once per
+``Gram`` and cached, so sharing the object shares the work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GRAM_DTYPE = torch.float64  # accumulation precision of XᵀX (SPEC §1 allows fp32 or fp64)
+
+
+@dataclass
+class ScaledEig:
+    """ALPS pre-processing (SPEC §2): ``H = G + λI``, ``e = sqrt(diag H)``, ``Hn = H/(e eᵀ) = Q diag(L) Qᵀ``."""
+
+    lam: float
+    e: torch.Tensor  # (in,) float64
+    Hn: torch.Tensor  # (in, in) float64, unit diagonal
+    Q: torch.Tensor  # (in, in) float64 eigenvectors
+    L: torch.Tensor  # (in,) float64 eigenvalues (clamped at 0)
+
+
+class Gram:
+    """Running ``XᵀX``, ``Σx`` and token count for the inputs of one (group of) linear layer(s).
+
+    Optional ``cross`` holds ``X̃ᵀX`` (pruned-model inputs × dense-model inputs) for the
+    dense-output target; without it the target is the usual ``X̃ᵀX̃``.
+    """
+
+    # how many expensive factorisations were made, process-wide (tests check sharing with it)
+    eig_count = 0
+    chol_count = 0
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        self.in_features = in_features
+        self.G = torch.zeros(in_features, in_features, dtype=GRAM_DTYPE, device=device)
+        self.sum = torch.zeros(in_features, dtype=GRAM_DTYPE, device=device)
+        self.cross: torch.Tensor | None = None
+        self.count = 0
+        self._cache: dict = {}
+
+    @classmethod
+    def from_matrix(cls, G: torch.Tensor, mean: torch.Tensor | None = None, count: int = 1) -> Gram:
+        """Wrap an existing ``G`` (e.g. for :func:`alpsprune.prune_layer` called with a plain tensor)."""
+        gram = cls(G.shape[0], device=G.device)
+        gram.G = G.to(GRAM_DTYPE)
+        gram.count = count
+        if mean is not None:
+            gram.sum = mean.to(device=G.device, dtype=GRAM_DTYPE) * count
+        return gram
+
+    def add_batch(self, x: torch.Tensor, dense_x: torch.Tensor | None = None) -> None:
+        """Accumulate inputs ``x`` of shape ``(..., in)``; ``dense_x`` (same shape) fills ``cross``."""
+        x = x.reshape(-1, self.in_features).to(device=self.G.device, dtype=GRAM_DTYPE)
+        self.G.addmm_(x.T, x)
+        self.sum += x.sum(0)
+        self.count += x.shape[0]
+        if dense_x is not None:
+            dense_x = dense_x.reshape(-1, self.in_features).to(device=self.G.device, dtype=GRAM_DTYPE)
+            if self.cross is None:
+                self.cross = torch.zeros_like(self.G)
+            self.cross.addmm_(x.T, dense_x)
+        self._cache.clear()
+
+    def merge_(self, other: Gram) -> None:
+        """Add another Gram's sums into this one (used by the distributed all-reduce fallback)."""
+        self.G += other.G.to(self.G.device)
+        self.sum += other.sum.to(self.G.device)
+        self.count += other.count
+        if other.cross is not None:
+            self.cross = other.cross.clone() if self.cross is None else self.cross + other.cross
+        self._cache.clear()
+
+    # ---- derived statistics -------------------------------------------------------------------
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.count, 1)
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Per-feature variance ``E[x²] − E[x]²`` (DSnoT)."""
+        return (torch.diagonal(self.G) / max(self.count, 1) - self.mean**2).clamp_min(0.0)
+
+    def has_nonfinite(self) -> bool:
+        return not bool(torch.isfinite(self.G).all())
+
+    def damping(self, dampening_frac: float) -> float:
+        """``λ = dampening_frac · mean(diag G)`` (SPEC §1); a tiny floor keeps an all-zero G solvable."""
+        lam = dampening_frac * float(torch.diagonal(self.G).mean())
+        return lam if lam > 0 else 1e-8
+
+    def damped(self, dampening_frac: float) -> tuple[torch.Tensor, float]:
+        """``(H, λ)`` with ``H = G + λI``."""
+        lam = self.damping(dampening_frac)
+        H = self.G.clone()
+        H.diagonal().add_(lam)
+        return H, lam
+
+    def scaled_eig(self, dampening_frac: float) -> ScaledEig:
+        """ALPS pre-processing, computed once per (Gram, dampening) and cached."""
+        key = ("eig", dampening_frac)
+        if key not in self._cache:
+            H, lam = self.damped(dampening_frac)
+            e = torch.sqrt(torch.diagonal(H)) + 1e-8
+            Hn = H / e[:, None] / e[None, :]
+            L, Q = torch.linalg.eigh(Hn)
+            Gram.eig_count += 1
+            self._cache[key] = ScaledEig(lam=lam, e=e, Hn=Hn, Q=Q, L=L.clamp_min(0.0))
+        return self._cache[key]
+
+    def cache(self, key, compute):
+        """Generic per-Gram memo for solver-specific factorisations (e.g. SparseGPT's Cholesky)."""
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+    def free(self) -> None:
+        """Drop cached factorisations (they can be several ``in²`` buffers)."""
+        self._cache.clear()
