@@ -115,4 +115,6 @@ def prune_layer(
     if not bool(torch.isfinite(W).all()):
         raise RuntimeError(f"{method} produced NaN/Inf weights")
     pruned = W.to(dtype=weight.dtype, device=device)
-    return PruneResult(weight=pruned, mask=mask.to(device), error=relative_error(weight, pruned, gram.G), info=info)
+    return PruneResult(
+        weight=pruned, mask=mask.to(device), error=relative_error(weight, pruned, gram.G), info=info
+    )

@@ -1,0 +1,149 @@
+"""ALPS solver: SPEC §2 properties, checked against independent computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import alpsprune
+from alpsprune.masks import mask_for
+from alpsprune.solvers.alps import alps_rhs, pcg_refit
+from alpsprune.sparsity import SparsitySpec
+from alpsprune.stats import Gram
+
+
+def correlated_gram(d: int, seed: int, n: int = 1024, factors: int = 16, noise: float = 0.5) -> torch.Tensor:
+    """``XᵀX`` for inputs with strongly correlated features (a few shared factors plus noise)."""
+    g = torch.Generator().manual_seed(seed)
+    Z = torch.randn(n, factors, generator=g)
+    A = torch.randn(factors, d, generator=g)
+    scale = torch.rand(d, generator=g) * 2 + 0.1
+    X = (Z @ A + noise * torch.randn(n, d, generator=g)) * scale
+    return X.T @ X
+
+
+def exact_refit(W_hat: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """Independent least-squares refit on a fixed support: per row, solve H_SS w_S = (H Ŵᵀ)_S."""
+    G = G.double()
+    H = G + damp * torch.diagonal(G).mean() * torch.eye(G.shape[0], dtype=torch.float64)
+    W = torch.zeros_like(W_hat, dtype=torch.float64)
+    rhs = W_hat.double() @ H
+    for i in range(W_hat.shape[0]):
+        S = mask[i].nonzero().squeeze(1)
+        if S.numel():
+            W[i, S] = torch.linalg.solve(H[S][:, S], rhs[i, S])
+    return W
+
+
+def test_identity_gram_keeps_weights_and_is_near_magnitude():
+    torch.manual_seed(0)
+    W = torch.randn(64, 128)
+    mag = alpsprune.prune_layer(W, torch.eye(128), method="magnitude", sparsity=0.7)
+    res = alpsprune.prune_layer(W, torch.eye(128), method="alps", sparsity=0.7)
+    assert torch.allclose(res.weight[res.mask], W[res.mask], atol=1e-5)
+    assert res.error <= mag.error * 1.02
+    assert res.error >= mag.error * (1 - 1e-9)  # magnitude is optimal for G = I
+
+
+def test_safeguard_never_worse_than_warm_start():
+    torch.manual_seed(0)
+    W = torch.randn(64, 128)
+    mag = alpsprune.prune_layer(W, torch.eye(128), method="magnitude", sparsity=0.7)
+    res = alpsprune.prune_layer(W, torch.eye(128), method="alps", sparsity=0.7, support_safeguard=True)
+    assert res.error == pytest.approx(mag.error, rel=1e-6)
+    assert "safeguard_used_warm_start" in res.info
+
+
+def test_pcg_matches_exact_least_squares_on_support():
+    G = correlated_gram(96, seed=1)
+    W_hat = torch.randn(40, 96, generator=torch.Generator().manual_seed(2))
+    gram = Gram.from_matrix(G)
+    eig = gram.scaled_eig(0.01)
+    spec = SparsitySpec.parse(0.6)
+    C = alps_rhs(W_hat, gram, 0.01, torch.float64)
+    B0 = W_hat.double() * eig.e
+    mask = mask_for(B0.abs(), spec)
+    X = pcg_refit(B0, C, eig.Hn, mask, steps=300)
+    W_pcg = X / eig.e
+    W_ref = exact_refit(W_hat, G, mask)
+    assert torch.allclose(W_pcg, W_ref, rtol=1e-6, atol=1e-8 * W_ref.abs().max())
+    # and the default 10 steps already land close in objective (what the solver ships)
+    X10 = pcg_refit(B0, C, eig.Hn, mask, steps=10)
+    err10 = alpsprune.relative_error(W_hat, X10 / eig.e, G)
+    err_ref = alpsprune.relative_error(W_hat, W_ref, G)
+    assert err10 <= err_ref * 1.05
+
+
+def test_alps_output_is_refit_of_its_support():
+    G = correlated_gram(64, seed=3)
+    W_hat = torch.randn(32, 64, generator=torch.Generator().manual_seed(4))
+    res = alpsprune.prune_layer(W_hat, G, method="alps", sparsity=0.7, pcg_steps=200, precision="float64")
+    W_ref = exact_refit(W_hat, G, res.mask)
+    assert torch.allclose(res.weight.double(), W_ref, rtol=1e-4, atol=1e-6 * W_ref.abs().max())
+
+
+@pytest.mark.parametrize("sparsity", [0.7, 0.8])
+def test_alps_beats_sparsegpt_beats_magnitude_on_correlated_grams(sparsity):
+    for seed in range(3):
+        G = correlated_gram(128, seed=seed)
+        W = torch.randn(64, 128, generator=torch.Generator().manual_seed(100 + seed))
+        err = {
+            m: alpsprune.prune_layer(W, G, method=m, sparsity=sparsity).error
+            for m in ("alps", "sparsegpt", "magnitude")
+        }
+        assert err["alps"] < err["sparsegpt"] < err["magnitude"], (seed, err)
+
+
+def test_float32_path_matches_float64_path():
+    """The fast float32 ADMM/PCG path agrees with the plain float64 one (objective within 0.5%)."""
+    G = correlated_gram(128, seed=5)
+    W = torch.randn(96, 128, generator=torch.Generator().manual_seed(6))
+    for pattern in ({"sparsity": 0.7}, {"mask_structure": "2:4"}):
+        e32 = alpsprune.prune_layer(W, G, method="alps", precision="float32", **pattern).error
+        e64 = alpsprune.prune_layer(W, G, method="alps", precision="float64", **pattern).error
+        assert abs(e32 - e64) <= 0.005 * e64
+
+
+def test_w_update_modes_agree():
+    G = correlated_gram(64, seed=7)
+    W = torch.randn(48, 64, generator=torch.Generator().manual_seed(8))
+    a = alpsprune.prune_layer(W, G, method="alps", sparsity=0.6, w_update="eig", precision="float64")
+    b = alpsprune.prune_layer(W, G, method="alps", sparsity=0.6, w_update="inverse", precision="float64")
+    assert torch.equal(a.mask, b.mask)
+    assert torch.allclose(a.weight, b.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_dense_target_with_identical_inputs_reduces_to_plain_alps():
+    """Cross term X̃ᵀX with X̃ = X is the standard problem: same support and weights."""
+    g = torch.Generator().manual_seed(9)
+    X = torch.randn(512, 64, generator=g) @ torch.randn(64, 64, generator=g)
+    W = torch.randn(32, 64, generator=g)
+    plain = Gram(64)
+    plain.add_batch(X)
+    dense_target = Gram(64)
+    dense_target.add_batch(X, dense_x=X)
+    a = alpsprune.prune_layer(W, plain, method="alps", sparsity=0.7, precision="float64")
+    b = alpsprune.prune_layer(W, dense_target, method="alps", sparsity=0.7, precision="float64")
+    assert torch.equal(a.mask, b.mask)
+    assert torch.allclose(a.weight, b.weight, rtol=1e-6, atol=1e-7)
+
+
+def test_shared_gram_factorises_once():
+    G = correlated_gram(64, seed=10)
+    gram = Gram.from_matrix(G)
+    before = Gram.eig_count
+    for seed in range(3):  # q, k, v
+        W = torch.randn(32, 64, generator=torch.Generator().manual_seed(seed))
+        alpsprune.prune_layer(W, gram, method="alps", sparsity=0.5)
+    assert Gram.eig_count - before == 1
+
+
+def test_info_reports_schedule():
+    G = correlated_gram(64, seed=11)
+    W = torch.randn(32, 64, generator=torch.Generator().manual_seed(12))
+    res = alpsprune.prune_layer(W, G, method="alps", sparsity=0.8, max_iter=300)
+    info = res.info
+    assert 3 <= info["iterations"] <= 300 and info["final_rho"] > 0 and info["restarts"] >= 0
+    assert info["stop_reason"] in {"support_stable", "support_nearly_stable", "max_iter"}
+    capped = alpsprune.prune_layer(W, G, method="alps", sparsity=0.8, max_iter=6)
+    assert capped.info["iterations"] == 6 and capped.info["stop_reason"] == "max_iter"
