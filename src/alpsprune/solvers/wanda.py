@@ -22,12 +22,8 @@ def solve_wanda(
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """:param per_row: compare scores within each output row (Wanda's choice); False ranks layer-wide."""
     scores = wanda_scores(W_hat, gram)
-    if per_row and not spec.is_nm:
-        # per row, so every row keeps round((1-s)*in); the layer total can differ from the
-        # layer-wide count by at most `out` weights -- we fix it to be exact below
-        mask = _exact_per_row(scores, spec)
-    else:
-        mask = mask_for(scores, spec)
+    # per row, with the layer total made exact (see _exact_per_row)
+    mask = _exact_per_row(scores, spec) if per_row and not spec.is_nm else mask_for(scores, spec)
     return W_hat * mask, mask, {}
 
 
