@@ -54,6 +54,10 @@ class SparsitySpec:
     def label(self) -> str:
         return f"{self.n_keep}:{self.m}" if self.is_nm else f"{self.sparsity:g}"
 
+    def as_kwargs(self) -> dict:
+        """Keyword arguments for :func:`alpsprune.prune_layer` that rebuild this spec."""
+        return {"mask_structure": self.label} if self.is_nm else {"sparsity": self.sparsity}
+
     def to_dict(self) -> dict:
         if self.is_nm:
             return {"mask_structure": self.label, "sparsity": self.fraction_pruned}

@@ -78,6 +78,13 @@ class Gram:
             self.cross = other.cross.clone() if self.cross is None else self.cross + other.cross
         self._cache.clear()
 
+    def to(self, device: torch.device | str) -> Gram:
+        """A copy of the sums on another device (factorisation cache not copied)."""
+        other = Gram(self.in_features, device=device)
+        other.G, other.sum, other.count = self.G.to(device), self.sum.to(device), self.count
+        other.cross = None if self.cross is None else self.cross.to(device)
+        return other
+
     # ---- derived statistics -------------------------------------------------------------------
     @property
     def mean(self) -> torch.Tensor:
