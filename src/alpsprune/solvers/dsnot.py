@@ -9,19 +9,20 @@ i.e. the expected dense output minus the expected sparse output. Each cycle, eve
 row swaps one pruned weight in and one kept weight out, all rows at once (a loop over cycles,
 vectorised over rows):
 
-* **grow** — among the row's pruned weights whose contribution ``c_ij = Ŵ_ij E[x_j]`` has the
-  sign of ``ε_i`` (growing it moves ``ε_i`` towards 0), the one with the largest
-  ``|c_ij| / Var[x_j]^pow_of_var`` (the reduction expected, relative to how much it varies
-  over the inputs; ``Var[x] = gram.var``).
-* **prune** — among the row's kept weights whose contribution has the sign opposite to ``ε_i``
-  (removing it also moves ``ε_i`` towards 0), the one with the smallest Wanda score
-  ``|Ŵ_ij|·‖X_j‖``. For N:M the candidate must lie in the grown weight's group, so every group
-  keeps exactly its N; if that group holds no opposite-sign kept weight, its smallest-Wanda kept
-  weight is taken (as the authors' N:M code does).
-* the swap is applied only if it strictly lowers ``|ε_i|`` (the authors' code can overshoot and
-  flip the sign; requiring descent makes the result never worse than Wanda's in ``|ε|`` and
-  rules out cycling). A row whose swap is refused, or whose ``|ε_i|`` falls under
-  ``threshold``, or that runs out of candidates, stops for good (as in the authors' code).
+* **prune** — among the row's kept weights whose contribution ``c_ij = Ŵ_ij E[x_j]`` has the
+  sign opposite to ``ε_i`` (removing it moves ``ε_i`` towards 0), the one with the smallest
+  Wanda score ``|Ŵ_ij|·‖X_j‖``. For N:M the candidate must lie in the grown weight's group, so
+  every group keeps exactly its N; if that group holds no opposite-sign kept weight, its
+  smallest-Wanda kept weight is taken (as the authors' N:M code does).
+* **grow** — among the row's pruned weights whose contribution has the sign of ``ε_i``
+  (growing it moves ``ε_i`` towards 0), the one with the largest ``|c_ij| / Var[x_j]^pow_of_var``
+  (the expected reduction relative to how much that input varies; ``Var[x] = gram.var``) —
+  restricted to the weights for which the swap with the prune candidate strictly lowers
+  ``|ε_i|``. The authors' code takes the top one regardless and may overshoot past zero; this
+  restriction makes every swap a descent step on ``|ε_i|`` (never worse than Wanda, no
+  cycling) without stopping a row merely because its top candidate is too large.
+* a row stops for good when ``|ε_i| < threshold`` or no admissible swap is left, and after
+  ``max_cycles`` cycles in any case.
 
 Swaps are one-in-one-out within a row (and within a group for N:M), so the per-row counts — and
 hence the exact layer total of the Wanda mask — never change. Without an input mean (a plain
@@ -77,39 +78,46 @@ def solve_dsnot(
     eps = (contrib * (~mask)).sum(1)
     eps_start = eps.abs().clone()
 
-    rows = torch.arange(out_features, device=device)
-    active = eps.abs() >= threshold
+    active = torch.nonzero(eps.abs() >= threshold).squeeze(1)  # rows still being refined
     cycles = swaps = 0
     inf = torch.tensor(float("inf"), dtype=torch.float64, device=device)
     for _ in range(max_cycles):
-        if not bool(active.any()):
+        if active.numel() == 0:
             break
         cycles += 1
-        sign = torch.sign(eps)[:, None]
-        same = contrib * sign > 0  # growing moves ε towards 0 / pruning would move it away
-        opposite = contrib * sign < 0
-        # grow: pruned, same sign, largest |c|/Var^p (argmax returns the lowest index among ties)
-        grow_score = torch.where(~mask & same, grow_ratio, -inf)
-        g = grow_score.argmax(1)
-        has_grow = torch.isfinite(grow_score[rows, g])
-        # prune: kept, opposite sign, smallest Wanda score
-        prune_score = torch.where(mask & opposite, wanda, inf)
+        n_active = active.numel()
+        local_rows = torch.arange(n_active, device=device)
+        m, c, e = mask[active], contrib[active], eps[active]
+        sign = torch.sign(e)[:, None]
+        # prune candidate, for a grow at any column j: kept, contribution of the sign opposite to
+        # ε_i, smallest Wanda score -- row-wide (unstructured) or within j's group (N:M)
+        prune_score = torch.where(m & (c * sign < 0), wanda[active], inf)
         if spec.is_nm:
-            in_group = (torch.arange(in_features, device=device)[None, :] // spec.m) == (g // spec.m)[:, None]
-            group_opp = torch.where(in_group, prune_score, inf)
-            group_any = torch.where(in_group & mask, wanda, inf)
-            has_opp = torch.isfinite(group_opp.min(1).values)
-            prune_score = torch.where(has_opp[:, None], group_opp, group_any)
-        p = prune_score.argmin(1)
-        has_prune = torch.isfinite(prune_score[rows, p])
-        new_eps = eps - contrib[rows, g] + contrib[rows, p]
-        do = active & has_grow & has_prune & (new_eps.abs() < eps.abs())
-        idx = rows[do]
-        mask[idx, g[do]] = True
-        mask[idx, p[do]] = False
-        eps = torch.where(do, new_eps, eps)
+            groups = (n_active, in_features // spec.m, spec.m)
+            opp = prune_score.reshape(groups)
+            fallback = torch.where(m, wanda[active], inf).reshape(groups)  # no opposite-sign kept weight
+            cand = torch.where(torch.isfinite(opp.min(-1, keepdim=True).values), opp, fallback)
+            best, local = cand.min(-1)
+            first = torch.arange(groups[1], device=device)[None, :] * spec.m
+            p_col = (local + first).repeat_interleave(spec.m, dim=1)
+            p_ok = torch.isfinite(best).repeat_interleave(spec.m, dim=1)
+        else:
+            best, p = prune_score.min(1)
+            p_col = p[:, None].expand(n_active, in_features)
+            p_ok = torch.isfinite(best)[:, None].expand(n_active, in_features)
+        # grow: pruned, contribution with the sign of ε_i, and the swap must lower |ε_i|; among
+        # those the largest |c|/Var^p (argmax takes the lowest index among ties)
+        new_eps_all = e[:, None] - c + c.gather(1, p_col)
+        admissible = ~m & (c * sign > 0) & p_ok & (new_eps_all.abs() < e.abs()[:, None])
+        grow_score = torch.where(admissible, grow_ratio[active], -inf)
+        g = grow_score.argmax(1)
+        do = torch.isfinite(grow_score[local_rows, g])
+        rows_do = active[do]
+        mask[rows_do, g[do]] = True
+        mask[rows_do, p_col[local_rows, g][do]] = False
+        eps[rows_do] = new_eps_all[local_rows, g][do]
         swaps += int(do.sum())
-        active = do & (eps.abs() >= threshold)
+        active = rows_do[eps[rows_do].abs() >= threshold]
 
     info = {
         "cycles": cycles,

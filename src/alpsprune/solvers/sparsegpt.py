@@ -115,10 +115,10 @@ def _block_prune_counts(total: int, widths: list[int], rows: int) -> list[int]:
     return counts
 
 
-def _obs_scores(w: torch.Tensor, d: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+def _obs_scores(w: torch.Tensor, d: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
     """``w² / d²`` for live inputs; dead inputs rank below all of them (by ``|w|`` among themselves)."""
     scores = w.square() / d.square()[None, :]
-    if bool(dead.any()):
+    if dead is not None:
         dead_scores = -1.0 / (1.0 + w.square())  # in [-1, 0): below any live score, monotone in |w|
         scores = torch.where(dead[None, :], dead_scores, scores)
     return scores
@@ -145,9 +145,12 @@ def solve_sparsegpt(
     if not dampening_frac >= 0:
         raise ValueError(f"dampening_frac must be >= 0, got {dampening_frac}")
     out_features, in_features = W_hat.shape
-    fact = gram.cache(("sparsegpt_hinv", float(dampening_frac)), lambda: _inverse_cholesky(gram, dampening_frac))
+    fact = gram.cache(
+        ("sparsegpt_hinv", float(dampening_frac)), lambda: _inverse_cholesky(gram, dampening_frac)
+    )
     U = fact["U"].to(W_hat.device)
     dead = fact["dead"].to(W_hat.device)
+    n_dead = int(dead.sum())
 
     if spec.is_nm:
         blocksize = max(spec.m, (blocksize // spec.m) * spec.m)
@@ -168,13 +171,15 @@ def solve_sparsegpt(
         if spec.is_nm:
             mask1 = torch.ones_like(W1, dtype=torch.bool)
         else:
-            scores = _obs_scores(W1, d1, dead[i1:i2])
+            scores = _obs_scores(W1, d1, dead[i1:i2] if n_dead else None)
             mask1 = topk_mask(scores, out_features * width - block_pruned[b])
         Err1 = torch.zeros_like(W1)
         for i in range(width):
             if spec.is_nm and i % spec.m == 0:
                 cols = slice(i, i + spec.m)
-                group_scores = _obs_scores(W1[:, cols], d1[cols], dead[i1:i2][cols])
+                group_scores = _obs_scores(
+                    W1[:, cols], d1[cols], dead[i1 + i : i1 + i + spec.m] if n_dead else None
+                )
                 mask1[:, cols] = nm_mask(group_scores, spec.n_keep, spec.m)
             w = W1[:, i]
             d = d1[i]
@@ -195,7 +200,7 @@ def solve_sparsegpt(
         "dampening_frac": fact["dampening_frac"],
         "dampening_retries": fact["dampening_retries"],
         "blocksize": blocksize,
-        "dead_inputs": int(dead.sum()),
+        "dead_inputs": n_dead,
         "obs_loss": float(obs_loss),
     }
     return W, mask, info
