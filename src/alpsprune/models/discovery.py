@@ -1,0 +1,172 @@
+"""Finding the decoder blocks and the prunable linears of a Hugging Face causal LM.
+
+Architectures are not special-cased: the block stack is the `nn.ModuleList` whose children are the classes the
+model itself declares as unsplittable (`_no_split_modules`), which every transformers decoder lists. A small
+fallback heuristic covers models (e.g. remote code) that leave that attribute empty. Weights are always handled
+as `(out, in)`; GPT-2's `Conv1D` stores `(in, out)` and is transposed here, at the edge, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from alpsprune.errors import ModelError, TargetError
+
+try:  # transformers' GPT-2 style linear with a transposed weight
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers always ships it
+    Conv1D = ()  # type: ignore[assignment,misc]
+
+# Class-name endings of causal-LM heads, for models outside transformers' auto mapping (remote code).
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    """True for decoder-only language-model heads; encoder-decoder and encoder-only models are refused."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "is_encoder_decoder", False):
+        return False
+    name = type(model).__name__
+    if name.endswith(_CAUSAL_SUFFIXES):
+        return True
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # pragma: no cover
+        return False
+    return name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def _split_class_names(model: nn.Module) -> set[str]:
+    names = getattr(model, "_no_split_modules", None) or ()
+    return {str(n) for n in names}
+
+
+def _n_linears(module: nn.Module) -> int:
+    return sum(1 for m in module.modules() if is_target_module(m))
+
+
+def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The dotted path and the `ModuleList` of decoder blocks (`model.layers`, `transformer.h`, ...).
+
+    Raises ModelError when the model is not a decoder-only causal LM or no block stack can be found.
+    """
+    if not _is_causal_lm(model):
+        raise ModelError(
+            f"{type(model).__name__} is not a decoder-only causal language model; alpsprune prunes models "
+            "that load with AutoModelForCausalLM (Llama, Qwen, Mistral, Gemma, Phi, OPT, GPT-2, GPT-NeoX, ...)"
+        )
+    block_classes = _split_class_names(model)
+    declared: list[tuple[str, nn.ModuleList]] = []
+    fallback: list[tuple[str, nn.ModuleList]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        children = list(module)
+        if block_classes and all(type(c).__name__ in block_classes for c in children):
+            declared.append((name, module))
+        elif len({type(c) for c in children}) == 1 and _n_linears(children[0]) >= 2:
+            fallback.append((name, module))
+    candidates = declared or fallback
+    if not candidates:
+        raise ModelError(
+            f"could not find the decoder blocks of {type(model).__name__}: no ModuleList of "
+            f"{sorted(block_classes) or 'repeated blocks with linear layers'}"
+        )
+    # Nested matches (a stack inside a block) are never the top-level stack; prefer the longest outermost one.
+    outer = [c for c in candidates if not any(c[0].startswith(o[0] + ".") for o in candidates if o is not c)]
+    return max(outer, key=lambda c: len(c[1]))
+
+
+def is_target_module(module: nn.Module) -> bool:
+    """A module alpsprune can prune: `nn.Linear` or transformers' `Conv1D` (never embeddings or norms)."""
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def _compile(patterns: Iterable[str] | None, what: str) -> list[re.Pattern[str]]:
+    compiled = []
+    for pattern in patterns or ():
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as exc:
+            raise TargetError(f"invalid {what} regex {pattern!r}: {exc}") from None
+    return compiled
+
+
+def find_target_linears(
+    block: nn.Module, prefix: str, targets: list[str] | None = None, ignore: list[str] | None = None
+) -> dict[str, nn.Module]:
+    """Full dotted name → module for the prunable linears of one block, in module order.
+
+    `targets` (default: all) and `ignore` are regexes matched with `re.search` against the full name, e.g.
+    `model.layers.3.self_attn.q_proj`; a layer is kept if some target matches and no ignore pattern does.
+    """
+    include = _compile(targets, "targets")
+    exclude = _compile(ignore, "ignore")
+    found: dict[str, nn.Module] = {}
+    for sub_name, module in block.named_modules():
+        if not sub_name or not is_target_module(module):
+            continue
+        name = f"{prefix}.{sub_name}" if prefix else sub_name
+        if include and not any(p.search(name) for p in include):
+            continue
+        if any(p.search(name) for p in exclude):
+            continue
+        found[name] = module
+    return found
+
+
+def list_target_layers(
+    model: nn.Module, targets: list[str] | None = None, ignore: list[str] | None = None
+) -> dict[str, nn.Module]:
+    """Every selected linear across all decoder blocks, in block order (may be empty; see `require_targets`)."""
+    path, blocks = find_decoder_blocks(model)
+    layers: dict[str, nn.Module] = {}
+    for index, block in enumerate(blocks):
+        layers.update(find_target_linears(block, f"{path}.{index}", targets, ignore))
+    return layers
+
+
+def require_targets(
+    model: nn.Module, targets: list[str] | None = None, ignore: list[str] | None = None
+) -> dict[str, nn.Module]:
+    """Like `list_target_layers`, but a selection that matches nothing is a TargetError naming real layers."""
+    layers = list_target_layers(model, targets, ignore)
+    if layers:
+        return layers
+    available = list(list_target_layers(model))
+    sample = ", ".join(available[:6]) + (", ..." if len(available) > 6 else "")
+    raise TargetError(
+        f"targets={targets!r} with ignore={ignore!r} select no layer; {len(available)} linear layers are "
+        f"available, e.g. {sample or '(none)'}"
+    )
+
+
+def get_weight(module: nn.Module) -> torch.Tensor:
+    """A detached copy of the weight as `(out, in)`, in the module's dtype and device (Conv1D transposed)."""
+    weight = module.weight.detach()
+    if isinstance(module, Conv1D):
+        weight = weight.t()  # Conv1D stores (in, out)
+    return weight.clone()
+
+
+def set_weight(module: nn.Module, W: torch.Tensor) -> None:
+    """Write an `(out, in)` weight in place, cast to the module's own dtype and device."""
+    target = module.weight.data
+    if isinstance(module, Conv1D):
+        target = target.t()  # a view: copying into it writes the (in, out) storage
+    if tuple(W.shape) != tuple(target.shape):
+        raise ValueError(
+            f"weight shape {tuple(W.shape)} does not match the layer's (out, in) {tuple(target.shape)}"
+        )
+    with torch.no_grad():
+        target.copy_(W)
+
+
+def weight_shape(module: nn.Module) -> tuple[int, int]:
+    """`(out, in)` without copying the weight."""
+    rows, cols = module.weight.shape
+    return (cols, rows) if isinstance(module, Conv1D) else (rows, cols)
