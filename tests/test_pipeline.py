@@ -15,7 +15,9 @@ from alpsprune.stats import Gram
 
 
 def calibration(model, n: int = 4, seqlen: int = 24, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, model.config.vocab_size, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(
+        0, model.config.vocab_size, (n, seqlen), generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -94,7 +96,9 @@ def test_sublayer_mode_runs_and_differs():
     model_a, model_b = make_tiny_model("llama"), make_tiny_model("llama")
     calib = calibration(model_a, 6, 32)
     a = alpsprune.prune_model(model_a, calib, method="alps", sparsity=0.6, progress=False)
-    b = alpsprune.prune_model(model_b, calib, method="alps", sparsity=0.6, sequential="sublayer", progress=False)
+    b = alpsprune.prune_model(
+        model_b, calib, method="alps", sparsity=0.6, sequential="sublayer", progress=False
+    )
     assert [r.name for r in a.layers] == [r.name for r in b.layers]
     # the first group of block 0 sees identical inputs in both modes; later groups see pruned inputs
     assert a.layers[0].error == pytest.approx(b.layers[0].error, rel=1e-9)
@@ -105,7 +109,13 @@ def test_targets_and_ignore():
     model = make_tiny_model("llama")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     report = alpsprune.prune_model(
-        model, calibration(model), method="magnitude", sparsity=0.5, targets=[r"mlp\."], ignore=[r"down_proj"], progress=False
+        model,
+        calibration(model),
+        method="magnitude",
+        sparsity=0.5,
+        targets=[r"mlp\."],
+        ignore=[r"down_proj"],
+        progress=False,
     )
     names = [r.name for r in report.layers]
     assert names and all("mlp" in n and "down_proj" not in n for n in names)
@@ -113,7 +123,9 @@ def test_targets_and_ignore():
         if "self_attn" in name or "down_proj" in name:
             assert torch.equal(p, before[name])
     with pytest.raises(TargetError, match="select no layer"):
-        alpsprune.prune_model(model, calibration(model), sparsity=0.5, targets=["nothing_matches"], progress=False)
+        alpsprune.prune_model(
+            model, calibration(model), sparsity=0.5, targets=["nothing_matches"], progress=False
+        )
 
 
 def test_report_outputs(tmp_path):
@@ -133,7 +145,13 @@ def test_dense_target_and_allocation_options_run():
     names = list(list_target_layers(model))
     allocation = {n: (0.4 if i % 2 else 0.6) for i, n in enumerate(names)}
     report = alpsprune.prune_model(
-        model, calibration(model), method="alps", sparsity=0.5, dense_target=True, allocation=allocation, progress=False
+        model,
+        calibration(model),
+        method="alps",
+        sparsity=0.5,
+        dense_target=True,
+        allocation=allocation,
+        progress=False,
     )
     got = {r.name: r.pattern for r in report.layers}
     assert all(float(got[n]) == pytest.approx(allocation[n]) for n in names)
@@ -143,6 +161,14 @@ def test_offloaded_activations_match():
     model_a, model_b = make_tiny_model("llama"), make_tiny_model("llama")
     calib = calibration(model_a)
     alpsprune.prune_model(model_a, calib, method="sparsegpt", sparsity=0.5, progress=False)
-    alpsprune.prune_model(model_b, calib, method="sparsegpt", sparsity=0.5, progress=False, offload_activations=True, batch_size=3)
+    alpsprune.prune_model(
+        model_b,
+        calib,
+        method="sparsegpt",
+        sparsity=0.5,
+        progress=False,
+        offload_activations=True,
+        batch_size=3,
+    )
     ids = calibration(model_a, 2, 16, seed=5)
     assert torch.allclose(logits(model_a, ids), logits(model_b, ids), atol=1e-4)

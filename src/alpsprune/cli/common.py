@@ -1,0 +1,261 @@
+"""Shared command-line plumbing: argument groups, defaults, validation, logging, output folders."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+from ..errors import AlpsPruneError, DeviceError, OutputError
+
+# Settings of the embedded default (no MODEL): finishes in a few minutes on 2 CPU cores.
+DEMO_NSAMPLES, DEMO_SEQLEN = 32, 512
+DEMO_EVAL_WINDOWS = 40  # held-out windows of DEMO_SEQLEN tokens scored per model
+# The papers' standard recipe, used when a MODEL is given.
+STANDARD_NSAMPLES, STANDARD_SEQLEN = 128, 2048
+DEFAULT_SPARSITY = 0.6
+METHODS = ("alps", "sparsegpt", "wanda", "magnitude", "dsnot")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class UsageError(AlpsPruneError):
+    """A bad command-line argument (exit code 2)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``alpsprune prune: error: ... (see --help)`` and exit code 2."""
+
+    def error(self, message: str):  # noqa: D102 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def add_model_arg(p: argparse.ArgumentParser, optional: bool = True) -> None:
+    p.add_argument(
+        "model",
+        nargs="?" if optional else None,
+        default=None,
+        help="Hugging Face model id, local model folder, or .gguf file"
+        + ("; omitted: the bundled SmolLM2-135M-Instruct" if optional else ""),
+    )
+
+
+def add_pruning_args(p: argparse.ArgumentParser, single: bool = True) -> None:
+    g = p.add_argument_group("pruning")
+    if single:
+        g.add_argument("--method", choices=METHODS, default="alps", help="layer solver")
+        pattern = g.add_mutually_exclusive_group()
+        pattern.add_argument(
+            "--sparsity",
+            type=float,
+            default=None,
+            help=f"fraction of weights removed per layer (default {DEFAULT_SPARSITY})",
+        )
+        pattern.add_argument(
+            "--mask-structure",
+            default=None,
+            metavar="N:M",
+            help="N:M pattern, N KEPT in every M consecutive inputs (2:4)",
+        )
+    g.add_argument(
+        "--targets",
+        action="append",
+        metavar="REGEX",
+        help="prune only linears whose full name matches (repeatable)",
+    )
+    g.add_argument(
+        "--ignore", action="append", metavar="REGEX", help="skip linears whose full name matches (repeatable)"
+    )
+    g.add_argument(
+        "--sequential",
+        choices=("block", "sublayer"),
+        default="block",
+        help="block: grams of a block from the dense block (paper); sublayer: re-collect after earlier layers are pruned",
+    )
+    g.add_argument(
+        "--dense-target",
+        action="store_true",
+        help="fit layers to the dense model's outputs (error correction)",
+    )
+    g.add_argument(
+        "--dampening-frac", type=float, default=None, help="λ = frac · mean(diag G) (solver default 0.01)"
+    )
+    g.add_argument(
+        "--solver-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra solver option, e.g. pcg_steps=20 (repeatable)",
+    )
+    c = p.add_argument_group("calibration")
+    c.add_argument(
+        "--calib",
+        default="wiki-excerpt",
+        help="wiki-excerpt | c4 | wikitext2 | ptb | hf:NAME[:CONFIG] | PATH",
+    )
+    c.add_argument("--calib-split", default=None, help="split of --calib (default: its calibration split)")
+    c.add_argument("--text-field", default="text", help="text column of HF / jsonl / parquet sources")
+    c.add_argument(
+        "--nsamples", type=int, default=None, help="calibration windows (default 32 bundled / 128 otherwise)"
+    )
+    c.add_argument(
+        "--seqlen", type=int, default=None, help="tokens per window (default 512 bundled / 2048 otherwise)"
+    )
+    c.add_argument("--seed", type=int, default=0, help="seed of the calibration window draw")
+    c.add_argument("--batch-size", type=int, default=1, help="calibration windows per forward pass")
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    r.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype to load the model in")
+    r.add_argument("--offload-activations", action="store_true", help="keep calibration activations on CPU")
+
+
+def add_eval_args(p: argparse.ArgumentParser, flag: str = "--eval") -> None:
+    e = p.add_argument_group("evaluation")
+    e.add_argument(
+        flag,
+        default=None,
+        metavar="DATASETS",
+        help="comma list of perplexity datasets (wiki-excerpt, wikitext2, ptb, c4, PATH); 'none' to skip "
+        "(default: wiki-excerpt held-out articles)",
+    )
+    e.add_argument(
+        "--max-windows", type=int, default=None, help="score at most this many windows per dataset"
+    )
+    e.add_argument(
+        "--eval-seqlen", type=int, default=None, help="window length for perplexity (default: --seqlen)"
+    )
+
+
+def add_verbosity(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, only the final summary")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks on errors")
+
+
+def setup_logging(args, rank: int = 0) -> None:
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet or rank else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    for noisy in ("transformers", "datasets", "urllib3", "filelock", "fsspec", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def parse_list(text: str | None) -> list[str]:
+    return [x.strip() for x in (text or "").split(",") if x.strip()]
+
+
+def parse_solver_opts(args) -> dict:
+    opts: dict = {}
+    if getattr(args, "dampening_frac", None) is not None:
+        if args.dampening_frac < 0:
+            raise UsageError(f"--dampening-frac must be >= 0, got {args.dampening_frac}")
+        opts["dampening_frac"] = args.dampening_frac
+    for item in args.solver_opt:
+        if "=" not in item:
+            raise UsageError(f"--solver-opt expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        opts[key.strip()] = _literal(value.strip())
+    return opts
+
+
+def _literal(value: str):
+    low = value.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+def calib_shape(args) -> tuple[int, int]:
+    bundled = args.model is None
+    nsamples = args.nsamples or (DEMO_NSAMPLES if bundled else STANDARD_NSAMPLES)
+    seqlen = args.seqlen or (DEMO_SEQLEN if bundled else STANDARD_SEQLEN)
+    if nsamples < 1:
+        raise UsageError(f"--nsamples must be at least 1, got {nsamples}")
+    if seqlen < 8:
+        raise UsageError(f"--seqlen must be at least 8 tokens, got {seqlen}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    return nsamples, seqlen
+
+
+def eval_settings(args) -> tuple[list[str], int | None, int | None]:
+    """Datasets, window length and window cap for perplexity."""
+    datasets = (
+        ["wiki-excerpt"] if args.eval is None else [d for d in parse_list(args.eval) if d.lower() != "none"]
+    )
+    seqlen = (
+        args.eval_seqlen
+        or getattr(args, "seqlen", None)
+        or (DEMO_SEQLEN if args.model is None else STANDARD_SEQLEN)
+    )
+    max_windows = args.max_windows
+    if max_windows is None and args.model is None:
+        max_windows = DEMO_EVAL_WINDOWS
+    return datasets, seqlen, max_windows
+
+
+def check_device(device: str) -> None:
+    from ..pipeline import resolve_device
+
+    resolve_device(device)
+
+
+def check_dtype(dtype: str, device: str) -> None:
+    if dtype == "float16" and device in ("cpu",):
+        raise DeviceError("--dtype float16 is not supported for CPU pruning; use float32 or bfloat16 on CPU")
+
+
+def check_model_arg(model: str | None) -> None:
+    """Fail fast on a local path that does not exist (Hub ids are checked when loading)."""
+    if model is None:
+        return
+    looks_local = (
+        model.startswith((".", "/", "~"))
+        or model.endswith(".gguf")
+        or os.sep in model
+        and Path(model).parent.exists()
+    )
+    path = Path(model).expanduser()
+    if looks_local and not path.exists():
+        from ..errors import ModelError
+
+        raise ModelError(
+            f"model path {model!r} does not exist; give a local model folder, a .gguf file or a Hub id"
+        )
+
+
+def default_output(args, label: str) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = (
+        "smollm2-135m"
+        if args.model is None
+        else re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(args.model).name or args.model)
+    )
+    return Path("runs") / f"{stamp}-{name}-{label}"
+
+
+def check_output(path: Path, overwrite: bool) -> None:
+    from ..io import is_complete_output
+
+    if path.exists() and not overwrite and is_complete_output(path):
+        raise OutputError(
+            f"output folder {path} already holds a complete run; choose another --output or pass --overwrite"
+        )
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"--output {path} exists and is not a folder")
+    parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise OutputError(f"cannot write into {parent}; choose another --output")

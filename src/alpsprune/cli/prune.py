@@ -1,0 +1,347 @@
+"""``alpsprune prune``: load, calibrate, evaluate dense, prune, evaluate pruned, save — one command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from ..errors import AlpsPruneError, OutputError
+from ..sparsity import SparsitySpec
+from .common import (
+    DEFAULT_SPARSITY,
+    DEMO_EVAL_WINDOWS,
+    DEMO_NSAMPLES,
+    DEMO_SEQLEN,
+    HelpFormatter,
+    UsageError,
+    add_eval_args,
+    add_model_arg,
+    add_pruning_args,
+    add_runtime_args,
+    add_verbosity,
+    calib_shape,
+    check_device,
+    check_dtype,
+    check_model_arg,
+    check_output,
+    default_output,
+    eval_settings,
+    parse_solver_opts,
+    setup_logging,
+)
+
+log = logging.getLogger("alpsprune")
+
+EXAMPLES = f"""
+examples:
+  alpsprune prune                                   # bundled SmolLM2-135M, ALPS at {DEFAULT_SPARSITY:.0%}, wiki-excerpt
+  alpsprune prune --method sparsegpt --mask-structure 2:4
+  alpsprune prune meta-llama/Llama-3.1-8B --sparsity 0.7 --calib c4 --eval wikitext2,c4 --device cuda
+  alpsprune prune ./my-model --targets 'mlp\\.' --ignore down_proj --output runs/mlp-only
+  alpsprune prune ./my-model --sparsity 0.7 --output runs/x --resume   # continue a killed run
+  torchrun --nproc-per-node 4 -m alpsprune prune ./my-model --sparsity 0.7
+
+Without MODEL the bundled SmolLM2-135M-Instruct is pruned with {DEMO_NSAMPLES}×{DEMO_SEQLEN} calibration
+tokens from the Wikipedia excerpt and evaluated on {DEMO_EVAL_WINDOWS} held-out windows of {DEMO_SEQLEN}
+tokens (a few minutes on 2 CPU cores). With a MODEL the defaults are the papers' 128×2048.
+N:M counts KEPT weights: 2:4 keeps 2 of every 4 consecutive inputs of each row.
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "prune",
+        help="prune a model, evaluate it and save it",
+        description="Prune every linear layer inside the decoder blocks of a causal LM, one block at a time.",
+        epilog=EXAMPLES,
+        formatter_class=HelpFormatter,
+    )
+    add_model_arg(p)
+    add_pruning_args(p)
+    p.add_argument(
+        "--allocation",
+        choices=("uniform", "owl", "curve"),
+        default="uniform",
+        help="per-layer sparsity at the same overall sparsity: uniform, OWL outlier ratio, or measured error curves",
+    )
+    add_runtime_args(p)
+    add_eval_args(p)
+    o = p.add_argument_group("output")
+    o.add_argument("--output", default=None, help="output folder (default: a new folder under ./runs/)")
+    o.add_argument(
+        "--overwrite", action="store_true", help="replace an output folder that holds a complete run"
+    )
+    o.add_argument(
+        "--checkpoint-dir", default=None, help="where per-block checkpoints go (default: OUTPUT/checkpoint)"
+    )
+    o.add_argument(
+        "--resume", action="store_true", help="continue from the last completed block of the checkpoint"
+    )
+    add_verbosity(p)
+    p.set_defaults(func=run)
+
+
+def resolve_spec(args) -> SparsitySpec:
+    sparsity = args.sparsity if args.sparsity is not None or args.mask_structure else DEFAULT_SPARSITY
+    try:
+        return SparsitySpec.parse(sparsity, args.mask_structure)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def run(args) -> int:
+    from ..parallel import default_device, init_from_env
+
+    parallel = init_from_env()
+    setup_logging(args, parallel.rank)
+    t_start = time.perf_counter()
+
+    # ---- cheap validation, before anything heavy --------------------------------------------------
+    spec = resolve_spec(args)
+    nsamples, seqlen = calib_shape(args)
+    solver_opts = parse_solver_opts(args)
+    device = default_device(parallel) if args.device == "auto" else args.device
+    check_device(device)
+    check_dtype(args.dtype, device)
+    check_model_arg(args.model)
+    datasets, eval_seqlen, max_windows = eval_settings(args)
+    from ..data import check_disjoint, resolve_source
+
+    resolve_source(args.calib)
+    for ds in datasets:
+        resolve_source(ds)
+        check_disjoint(args.calib, args.calib_split, ds, None)
+    label = f"{args.method}-{spec.label.replace(':', 'of')}"
+    out = Path(args.output) if args.output else default_output(args, label)
+    ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else out / "checkpoint"
+    if not args.resume:
+        check_output(out, args.overwrite)
+        if (ckpt_dir / "state.json").exists() and not args.overwrite:
+            raise OutputError(
+                f"{ckpt_dir} holds the checkpoint of an unfinished run; pass --resume to continue it "
+                "or --overwrite to start over"
+            )
+
+    # ---- load model and data ----------------------------------------------------------------------
+    from ..data import assert_no_window_overlap, eval_tokens, get_calibration
+    from ..io import load_model
+    from ..pipeline import plan_pruning, prune_model
+
+    log.info("loading %s", args.model or "bundled SmolLM2-135M-Instruct")
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    allocation_opts = {}
+    plan_pruning(
+        model,
+        method=args.method,
+        **spec.as_kwargs(),
+        targets=args.targets,
+        ignore=args.ignore,
+        **solver_opts,
+    )
+    log.info("calibration: %d × %d tokens from %s (seed %d)", nsamples, seqlen, args.calib, args.seed)
+    calibration = get_calibration(
+        args.calib, tokenizer, nsamples, seqlen, args.seed, split=args.calib_split, text_field=args.text_field
+    )
+    eval_data = {}
+    if parallel.is_main:
+        for ds in datasets:
+            eval_data[ds] = eval_tokens(ds, tokenizer)
+            assert_no_window_overlap(calibration, eval_data[ds])
+
+    # ---- dense evaluation (rank 0), reused on resume ----------------------------------------------
+    dense_file = ckpt_dir / "dense_eval.json"
+    dense_ppl: dict = {}
+    if parallel.is_main and datasets:
+        if args.resume and dense_file.exists():
+            dense_ppl = json.loads(dense_file.read_text())
+        else:
+            dense_ppl = evaluate(model, tokenizer, eval_data, eval_seqlen, max_windows, device, args.quiet)
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            dense_file.write_text(json.dumps(dense_ppl))
+
+    # ---- prune ------------------------------------------------------------------------------------
+    if args.allocation != "uniform":
+        if spec.is_nm:
+            raise UsageError("--allocation owl/curve needs an unstructured --sparsity, not an N:M pattern")
+        from ..allocation import allocate
+
+        allocation_opts = {
+            "allocation": allocate(
+                args.allocation,
+                model,
+                calibration,
+                spec.sparsity,
+                method=args.method,
+                targets=args.targets,
+                ignore=args.ignore,
+                device=device,
+                progress=not args.quiet,
+                **solver_opts,
+            )
+        }
+    report = prune_model(
+        model,
+        calibration,
+        method=args.method,
+        **spec.as_kwargs(),
+        targets=args.targets,
+        ignore=args.ignore,
+        device=device,
+        sequential=args.sequential,
+        dense_target=args.dense_target,
+        offload_activations=args.offload_activations,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+        checkpoint_dir=ckpt_dir,
+        resume=args.resume,
+        parallel=parallel,
+        **allocation_opts,
+        **solver_opts,
+    )
+    report.settings.update(
+        {
+            "model": args.model or "bundled:SmolLM2-135M-Instruct",
+            "calib": args.calib,
+            "calib_split": args.calib_split,
+            "seed": args.seed,
+            "allocation_mode": args.allocation,
+        }
+    )
+    if not parallel.is_main:
+        parallel.barrier()
+        return 0
+
+    # ---- pruned evaluation, outputs ----------------------------------------------------------------
+    pruned_ppl = (
+        evaluate(model, tokenizer, eval_data, eval_seqlen, max_windows, device, args.quiet)
+        if datasets
+        else {}
+    )
+    report.extra["perplexity"] = {
+        "dense": dense_ppl,
+        "pruned": pruned_ppl,
+        "seqlen": eval_seqlen,
+        "max_windows": max_windows,
+    }
+    report.extra["total_seconds"] = time.perf_counter() - t_start
+    write_outputs(model, tokenizer, report, out, args, ckpt_dir)
+    print(summary(report, out))
+    parallel.barrier()
+    return 0
+
+
+def evaluate(model, tokenizer, eval_data: dict, seqlen: int, max_windows, device, quiet: bool) -> dict:
+    """Perplexity per dataset on the compute device (the model is moved there and back)."""
+    from ..evaluation import perplexity
+    from ..pipeline import resolve_device
+
+    dev = resolve_device(device)
+    home = next(model.parameters()).device
+    results = {}
+    try:
+        model.to(dev)
+        for name, tokens in eval_data.items():
+            if tokens.numel() < seqlen:
+                raise AlpsPruneError(
+                    f"evaluation set {name!r} has {tokens.numel()} tokens, fewer than one window of {seqlen}"
+                )
+            r = perplexity(
+                model, tokenizer, tokens, seqlen=seqlen, max_windows=max_windows, progress=not quiet
+            )
+            results[name] = {"ppl": r.ppl, "windows": r.windows, "seqlen": r.seqlen, "seconds": r.seconds}
+            log.info("perplexity %s: %.3f (%d windows of %d)", name, r.ppl, r.windows, r.seqlen)
+    finally:
+        model.to(home)
+    return results
+
+
+def report_markdown(report) -> str:
+    from ..report import format_table
+
+    s = report.settings
+    lines = ["# alpsprune run", "", "## Settings", ""]
+    lines += [
+        format_table(
+            ["setting", "value"], [[k, json.dumps(v, default=str)] for k, v in s.items()], markdown=True
+        )
+    ]
+    ppl = report.extra.get("perplexity", {})
+    if ppl.get("pruned") or ppl.get("dense"):
+        lines += ["", "## Perplexity", ""]
+        rows = []
+        for name in sorted(set(ppl.get("dense", {})) | set(ppl.get("pruned", {}))):
+            d = ppl.get("dense", {}).get(name, {})
+            p = ppl.get("pruned", {}).get(name, {})
+            rows.append(
+                [
+                    name,
+                    f"{d.get('ppl', float('nan')):.3f}",
+                    f"{p.get('ppl', float('nan')):.3f}",
+                    str(p.get("windows", d.get("windows"))),
+                    str(ppl.get("seqlen")),
+                ]
+            )
+        lines += [format_table(["dataset", "dense", "pruned", "windows", "seqlen"], rows, markdown=True)]
+    sm = report.summary
+    lines += [
+        "",
+        "## Summary",
+        "",
+        f"- layers: {sm['layers']} in {sm['blocks']} blocks",
+        f"- targeted sparsity: {sm['targeted_sparsity']:.4f}; whole model: {sm['model_sparsity']:.4f}",
+        f"- mean relative error: {sm['mean_error']:.4e} (max {sm['max_error']:.4e})",
+        f"- pruning time: {sm['seconds']:.1f} s; total: {report.extra.get('total_seconds', 0):.1f} s",
+        "",
+        "## Layers",
+        "",
+        report.table(markdown=True),
+        "",
+        "![per-layer error](layers.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_outputs(model, tokenizer, report, out: Path, args, ckpt_dir: Path) -> None:
+    """Everything into one temporary folder, then one rename (see :func:`alpsprune.io.save_pruned`)."""
+    from ..io import save_pruned
+    from ..plots import plot_layers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        png = plot_layers(report, Path(tmp) / "layers.png")
+        extra = {"report.md": report_markdown(report), "layers.png": png}
+        in_output = ckpt_dir.resolve().parent == out.resolve()
+        save_pruned(
+            model,
+            tokenizer,
+            out,
+            report=report,
+            settings=report.settings,
+            overwrite=True,
+            extra_files=extra,
+        )
+    if not in_output and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the checkpoint is no longer needed
+
+
+def summary(report, out: Path) -> str:
+    s = report.settings
+    sm = report.summary
+    pattern = s.get("mask_structure") or f"{s['sparsity']:.0%}"
+    lines = [
+        f"alpsprune: {s['method']} at {pattern} on {s.get('model')}: {sm['layers']} layers, targeted sparsity "
+        f"{sm['targeted_sparsity']:.4f} (whole model {sm['model_sparsity']:.4f}), pruned in {sm['seconds']:.1f} s",
+    ]
+    ppl = report.extra.get("perplexity", {})
+    for name, p in ppl.get("pruned", {}).items():
+        d = ppl.get("dense", {}).get(name, {}).get("ppl")
+        dense = f"dense {d:.3f} -> " if d is not None else ""
+        lines.append(
+            f"  perplexity {name} ({p['windows']}×{p['seqlen']} tokens): {dense}pruned {p['ppl']:.3f}"
+        )
+    lines.append(f"  wrote {out}/ (model.safetensors, report.json, report.md, layers.png)")
+    return "\n".join(lines)

@@ -1,0 +1,111 @@
+"""Figures for reports (PNG). matplotlib is imported lazily with the headless Agg backend."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from .report import PruneReport
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def layer_kind(name: str) -> str:
+    """``model.layers.3.self_attn.q_proj`` → ``self_attn.q_proj`` (the role of the layer in its block)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[i + 1 :]) or name
+    return name
+
+
+def plot_layers(report: PruneReport, path: str | Path, title: str | None = None) -> Path:
+    """Relative reconstruction error of every layer, by block, one line per layer role (log scale)."""
+    plt = _pyplot()
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for r in report.layers:
+        series[layer_kind(r.name)].append((r.block, max(r.error, 1e-12)))
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for kind, points in series.items():
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=kind)
+    ax.set_yscale("log")
+    ax.set_xlabel("block")
+    ax.set_ylabel("relative reconstruction error")
+    s = report.settings
+    pattern = s.get("mask_structure") or f"{s.get('sparsity', 0):.0%}"
+    ax.set_title(title or f"{s.get('method', '')} at {pattern}: per-layer error")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_compare(
+    rows: list[dict], path: str | Path, dense_ppl: float | None = None, dataset: str = ""
+) -> Path:
+    """Perplexity vs sparsity per method (log scale); N:M patterns drawn as separate markers.
+
+    ``rows``: dicts with ``method``, ``pattern`` (``"0.7"`` or ``"2:4"``), ``sparsity`` (fraction) and ``ppl``.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    methods = sorted({r["method"] for r in rows})
+    colors = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
+    for method in methods:
+        unstructured = sorted(
+            (r["sparsity"], r["ppl"]) for r in rows if r["method"] == method and ":" not in r["pattern"]
+        )
+        if unstructured:
+            ax.plot(*zip(*unstructured), marker="o", color=colors[method], label=method)
+        for r in rows:
+            if r["method"] == method and ":" in r["pattern"]:
+                ax.scatter([r["sparsity"]], [r["ppl"]], marker="s", s=60, color=colors[method], edgecolor="k")
+                ax.annotate(
+                    r["pattern"],
+                    (r["sparsity"], r["ppl"]),
+                    textcoords="offset points",
+                    xytext=(5, 3),
+                    fontsize=8,
+                )
+    if dense_ppl is not None:
+        ax.axhline(dense_ppl, color="gray", linestyle="--", label=f"dense ({dense_ppl:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("sparsity (fraction of weights removed; squares: N:M)")
+    ax.set_ylabel(f"perplexity{f' ({dataset})' if dataset else ''}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_allocation(report: PruneReport, path: str | Path) -> Path:
+    """Per-layer sparsity chosen by a non-uniform allocation, by block and layer role."""
+    plt = _pyplot()
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for r in report.layers:
+        series[layer_kind(r.name)].append((r.block, r.sparsity))
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for kind, points in series.items():
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=kind)
+    ax.set_xlabel("block")
+    ax.set_ylabel("sparsity")
+    ax.set_title(f"per-layer sparsity (overall {report.summary['targeted_sparsity']:.3f})")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
