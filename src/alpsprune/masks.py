@@ -27,8 +27,8 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     keep = flat > threshold
     missing = k - int(keep.sum())
     if missing > 0:  # fill from the ties at the threshold, lowest index first
-        ties = flat == threshold
-        keep |= ties & (torch.cumsum(ties, 0) <= missing)
+        tie_index = torch.nonzero(flat == threshold).squeeze(1)[:missing]
+        keep[tie_index] = True
     return keep.reshape(scores.shape)
 
 
@@ -36,6 +36,15 @@ def nm_mask(scores: torch.Tensor, n_keep: int, m: int) -> torch.Tensor:
     """Bool mask keeping the ``n_keep`` largest of every ``m`` consecutive inputs of each row."""
     out_features, in_features = scores.shape
     groups = scores.reshape(out_features, in_features // m, m)
+    if m <= 8:
+        # rank of each entry in its group by pairwise comparison (m² cheap elementwise ops, no sort):
+        # rank_j = #{i : s_i > s_j, or s_i == s_j and i < j}; keep rank < n_keep
+        rank = torch.zeros_like(groups, dtype=torch.uint8)
+        for i in range(m):
+            s_i = groups[..., i : i + 1]
+            rank[..., :i] += s_i > groups[..., :i]
+            rank[..., i + 1 :] += s_i >= groups[..., i + 1 :]
+        return (rank < n_keep).reshape(out_features, in_features)
     # stable descending sort: among ties the lower index comes first
     order = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :n_keep]
     mask = torch.zeros_like(groups, dtype=torch.bool)
