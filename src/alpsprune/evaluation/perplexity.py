@@ -13,6 +13,7 @@ windows): the two numbers differ and must not be compared.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from ..data.sources import DEFAULT_SEED, DEFAULT_SEQLEN
 from ..data.windows import eval_windows
+from ..models.capture import offloaded
 
 
 @dataclass(frozen=True)
@@ -78,14 +80,9 @@ def perplexity(
     ``wiki-excerpt`` / ``lee`` test part, ``hf:<name>[:config]``), a local file or folder, a 1-D token
     tensor, or a 2-D tensor of windows. ``max_windows`` scores only the first windows (quick checks).
     The model runs where its weights are unless ``device`` is given (inputs are moved there).
-    ``offload=True`` is reserved for block-by-block evaluation of models larger than the device.
+    ``offload=True`` evaluates models larger than the device: weights stay where they are (CPU) and
+    one decoder block at a time visits ``device`` (default: CUDA if available) during the forward.
     """
-    if offload:
-        # Hook point: block-by-block evaluation (weights on CPU, one decoder block at a time on the
-        # device, reusing the pipeline's input-capture code) will be implemented here.
-        raise NotImplementedError(
-            "perplexity(offload=True) is not implemented yet; run the model on one device"
-        )
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     from tqdm.auto import tqdm
@@ -96,6 +93,8 @@ def perplexity(
     )
     n, width = windows.shape
     dev = torch.device(device) if device is not None else _model_device(model)
+    if offload and device is None:
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64)
@@ -103,6 +102,7 @@ def perplexity(
     try:
         with (
             torch.inference_mode(),
+            offloaded(model, dev) if offload else contextlib.nullcontext(),
             tqdm(total=n, desc=f"ppl {name}", unit="win", disable=not progress) as bar,
         ):
             for i in range(0, n, batch_size):

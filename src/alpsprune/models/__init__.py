@@ -1,7 +1,7 @@
 """Model-facing layer: find decoder blocks and target linears, read/write `(out, in)` weights, capture block
 inputs and run single blocks. Architecture differences are discovered from the module tree, not tabulated."""
 
-from alpsprune.models.capture import BlockInputs, capture_block_inputs, run_block
+from alpsprune.models.capture import BlockInputs, capture_block_inputs, offloaded, run_block
 from alpsprune.models.discovery import (
     Conv1D,
     find_decoder_blocks,
@@ -23,6 +23,7 @@ __all__ = [
     "get_weight",
     "is_target_module",
     "list_target_layers",
+    "offloaded",
     "require_targets",
     "run_block",
     "set_weight",

@@ -11,8 +11,9 @@ known shape only need block 0's input, caught by a forward pre-hook that stops t
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -312,3 +313,24 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) ->
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
     raise ModelError(f"{type(block).__name__} returned {type(out).__name__}, not hidden states")
+
+
+@contextlib.contextmanager
+def offloaded(model: nn.Module, device: torch.device | str) -> Iterator[None]:
+    """Run the model's own forward with its weights left where they are and one decoder block at a time
+    on `device` (moved in by a pre-hook, moved back by a post-hook); the modules outside the blocks
+    (embeddings, final norm, head) sit on `device` for the duration. For models larger than the device."""
+    device = torch.device(device)
+    path, blocks = find_decoder_blocks(model)
+    handles = []
+    for block in blocks:
+        home = next(block.parameters()).device
+        handles.append(block.register_forward_pre_hook(lambda m, args: m.to(device) and None))
+        handles.append(block.register_forward_hook(lambda m, args, out, home=home: m.to(home) and None))
+    restore = _move_outside_blocks(model, path, device)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        restore()
