@@ -135,3 +135,15 @@ def test_bad_tensors():
         alpsprune.prune_layer(W, Gn, sparsity=0.5)
     with pytest.raises(ValueError, match="2-D"):
         alpsprune.prune_layer(W[0], G, sparsity=0.5)
+
+
+@pytest.mark.parametrize(("n_keep", "m"), [(2, 4), (1, 4), (3, 8), (1, 2), (4, 16)])
+def test_nm_mask_pairwise_rank_equals_stable_sort(n_keep, m):
+    """The sort-free N:M selection (pairwise ranks) equals a stable descending sort, ties included."""
+    from alpsprune.masks import nm_mask
+
+    scores = torch.randint(0, 4, (13, m * 7), generator=torch.Generator().manual_seed(m)).float()
+    groups = scores.reshape(13, 7, m)
+    order = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :n_keep]
+    expected = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True).reshape(13, -1)
+    assert torch.equal(nm_mask(scores, n_keep, m), expected)
