@@ -9,18 +9,24 @@ Two kinds of parallelism, both on PyTorch's own runtime:
   weights are broadcast from their owner so every rank continues with the same pruned block.
 
 A single process uses :func:`single_process`, whose methods are no-ops; nothing here needs a
-distributed setup unless ``WORLD_SIZE > 1``.
+distributed setup unless ``WORLD_SIZE > 1``. See ``docs/distributed.md``.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
+from .errors import AlpsPruneError, DataError, SolverError
 from .stats import Gram
+
+# Collectives wait this long for the slowest rank (rank 0 evaluates the dense model alone, and one
+# large layer solve can take many minutes on 70B models; torch's defaults are 10 / 30 minutes).
+DEFAULT_TIMEOUT_MIN = 180
 
 
 def layer_cost(out_features: int, in_features: int, iterations: int = 50) -> float:
@@ -30,7 +36,10 @@ def layer_cost(out_features: int, in_features: int, iterations: int = 50) -> flo
 
 
 def assign_tasks(costs: Sequence[float], world_size: int) -> list[int]:
-    """Greedy LPT: largest task first, each to the currently least-loaded rank. Returns owner per task."""
+    """Greedy LPT: largest task first (ties: lower index), each to the least-loaded rank (ties: lower
+    rank). Deterministic, so every rank computes the same owners. Returns the owner of each task."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be at least 1, got {world_size}")
     loads = [0.0] * world_size
     owners = [0] * len(costs)
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
@@ -50,15 +59,15 @@ class Parallel:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def shard(self, calibration: torch.Tensor) -> torch.Tensor:
-        """This rank's contiguous share of the calibration windows."""
+    def shard(self, calibration: torch.Tensor, batch_size: int = 1) -> torch.Tensor:
+        """This rank's contiguous share of the calibration windows, in whole batches of ``batch_size``."""
         return calibration
 
     def shard_list(self, items: list) -> list:
         return items
 
     def gather_list(self, items: list) -> list:
-        """All ranks' shares, concatenated in rank order (valid on rank 0)."""
+        """All ranks' shares, concatenated in rank order on rank 0 (other ranks get ``[]``)."""
         return items
 
     def all_reduce_grams(self, grams: dict[str, Gram]) -> None:
@@ -72,7 +81,7 @@ class Parallel:
     ) -> dict[str, tuple]:
         """Run ``fn(name, leader) -> (weight, record)`` for every task; every rank gets every result.
 
-        ``like(name)`` gives a tensor with the result weight's shape and dtype (for receiving it).
+        ``like(name)`` gives a tensor shaped like the layer's ``(out, in)`` weight (used for costs).
         """
         return {name: fn(name, leader) for name, leader in tasks}
 
@@ -85,56 +94,84 @@ def single_process() -> Parallel:
 
 
 class Distributed(Parallel):
-    """``torch.distributed`` implementation; the process group must already be initialised."""
+    """``torch.distributed`` implementation; the process group must already be initialised.
+
+    Tensor collectives run where the backend can take them: CUDA tensors on ``nccl``, CPU tensors
+    on ``gloo`` (``init_from_env`` sets up ``cpu:gloo,cuda:nccl`` on GPU machines, so both work);
+    object collectives (layer records, checkpoint gathers) go over the CPU backend when there is one.
+    """
 
     def __init__(self, costs: Callable[[str], float] | None = None):
         """:param costs: estimated cost of a task by layer name (default: from the layer shape)."""
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        self.backend = dist.get_backend()
-        # gloo collectives need CPU tensors, nccl needs CUDA ones
-        self.comm_device = (
-            torch.device("cuda", torch.cuda.current_device())
-            if self.backend == "nccl"
-            else torch.device("cpu")
-        )
+        self.backend = str(dist.get_backend())
         self.costs = costs
+
+    def _comm_device(self, device: torch.device) -> torch.device:
+        """Where a tensor living on ``device`` must be for a collective on this backend."""
+        has_gloo, has_nccl = "gloo" in self.backend, "nccl" in self.backend
+        if device.type == "cuda" and has_nccl:
+            return device
+        if has_gloo or not has_nccl:
+            return torch.device("cpu")
+        return torch.device("cuda", torch.cuda.current_device())  # nccl only: CPU data goes via the GPU
 
     def _bounds(self, n: int) -> tuple[int, int]:
         base, extra = divmod(n, self.world_size)
         start = self.rank * base + min(self.rank, extra)
         return start, start + base + (1 if self.rank < extra else 0)
 
-    def shard(self, calibration: torch.Tensor) -> torch.Tensor:
-        if calibration.shape[0] < self.world_size:
-            raise ValueError(
-                f"{calibration.shape[0]} calibration windows cannot be split over {self.world_size} processes"
+    def shard(self, calibration: torch.Tensor, batch_size: int = 1) -> torch.Tensor:
+        """Contiguous shares of whole batches, as the single process would form them: batch ``b`` holds
+        windows ``b·bs … b·bs+bs−1``, and the batch counts of the ranks differ by at most one (the first
+        ``n_batches % world`` ranks get one more). Each batch's ``XᵀX`` is then the very product the
+        single process computes, and their float64 sum agrees with the single process's (sums of float32
+        products are exact in float64 unless magnitudes span more than ~2²⁹): the same Grams, bit for bit."""
+        n = calibration.shape[0]
+        n_batches = -(-n // max(batch_size, 1))
+        if n_batches < self.world_size:
+            raise DataError(
+                f"{n} calibration windows in batches of {batch_size} make {n_batches} batches, too few for "
+                f"{self.world_size} processes; use --nsamples {self.world_size * batch_size} or more, "
+                "a smaller --batch-size, or fewer processes"
             )
-        start, stop = self._bounds(calibration.shape[0])
-        return calibration[start:stop]
+        start, stop = self._bounds(n_batches)
+        return calibration[start * batch_size : min(stop * batch_size, n)]
 
     def shard_list(self, items: list) -> list:
         start, stop = self._bounds(len(items))
         return items[start:stop]
 
     def gather_list(self, items: list) -> list:
-        parts: list = [None] * self.world_size
-        dist.all_gather_object(parts, [t.cpu() if torch.is_tensor(t) else t for t in items])
-        return [x for part in parts for x in part]
+        payload = [t.cpu() if torch.is_tensor(t) else t for t in items]
+        parts: list | None = [None] * self.world_size if self.is_main else None
+        dist.gather_object(payload, parts, dst=0)
+        return [x for part in parts for x in part] if self.is_main else []
 
     def all_reduce_grams(self, grams: dict[str, Gram]) -> None:
-        for name in sorted(grams):  # same order on every rank
+        names = sorted(grams)  # same order on every rank
+        if not names:
+            return
+        # counts and "has a cross term" flags of every Gram in one collective (int64: exact)
+        meta = torch.tensor(
+            [[grams[n].count, int(grams[n].cross is not None)] for n in names], dtype=torch.int64
+        )
+        meta_buf = meta.to(self._comm_device(meta.device))
+        dist.all_reduce(meta_buf)
+        meta = meta_buf.cpu()
+        for i, name in enumerate(names):
             gram = grams[name]
+            if gram.cross is None and int(meta[i, 1]) > 0:  # another rank has one: add zeros here
+                gram.cross = torch.zeros_like(gram.G)
             for attr in ("G", "sum", "cross"):
                 tensor = getattr(gram, attr)
                 if tensor is None:
                     continue
-                buf = tensor.to(self.comm_device)
-                dist.all_reduce(buf)
+                buf = tensor.to(self._comm_device(tensor.device))
+                dist.all_reduce(buf)  # float64 sums, as accumulated
                 setattr(gram, attr, buf.to(tensor.device))
-            count = torch.tensor([gram.count], dtype=torch.float64, device=self.comm_device)
-            dist.all_reduce(count)
-            gram.count = int(count.item())
+            gram.count = int(meta[i, 0])
             gram.free()
 
     def solve(
@@ -143,45 +180,113 @@ class Distributed(Parallel):
         fn: Callable[[str, str], tuple],
         like: Callable[[str], torch.Tensor] | None = None,
     ) -> dict[str, tuple]:
-        costs = [self.costs(name) if self.costs else layer_cost(*like(name).shape) for name, _ in tasks]
+        if self.costs is not None:
+            costs = [float(self.costs(name)) for name, _ in tasks]
+        elif like is not None:
+            costs = [layer_cost(*tuple(like(name).shape)[:2]) for name, _ in tasks]
+        else:
+            costs = [1.0] * len(tasks)
         owners = assign_tasks(costs, self.world_size)
-        mine = {name: fn(name, leader) for (name, leader), owner in zip(tasks, owners) if owner == self.rank}
+        mine: dict[str, tuple | BaseException] = {}
+        for (name, leader), owner in zip(tasks, owners):
+            if owner != self.rank:
+                continue
+            try:
+                mine[name] = fn(name, leader)
+            except Exception as exc:  # noqa: BLE001 - re-raised on every rank below, so none hangs
+                mine[name] = exc
         results: dict[str, tuple] = {}
         for (name, _), owner in zip(tasks, owners):
-            payload = [mine[name][1] if owner == self.rank else None]
-            dist.broadcast_object_list(payload, src=owner)  # the LayerRecord (small)
-            record = payload[0]
+            # 1. small metadata from the owner: the LayerRecord and the weight's shape/dtype, or the error
             if owner == self.rank:
-                weight = mine[name][0]
-                buf = weight.to(self.comm_device)
+                own = mine[name]
+                if isinstance(own, BaseException):
+                    meta = ("error", type(own).__name__, str(own), isinstance(own, AlpsPruneError))
+                else:
+                    weight, record = own
+                    dtype_name = str(weight.dtype).removeprefix("torch.")
+                    comm = self._comm_device(weight.device).type
+                    meta = ("ok", record, tuple(weight.shape), dtype_name, comm)
             else:
-                template = like(name)
-                buf = torch.empty(template.shape, dtype=template.dtype, device=self.comm_device)
+                meta = None
+            payload = [meta]
+            dist.broadcast_object_list(payload, src=owner)
+            meta = payload[0]
+            if meta[0] == "error":  # every rank stops at the same task
+                if owner == self.rank:
+                    raise mine[name]
+                kind = AlpsPruneError if meta[3] else SolverError
+                raise kind(f"{meta[2]} (on rank {owner})")
+            _, record, shape, dtype, comm = meta
+            dtype = getattr(torch, dtype)
+            # 2. the weight as raw bytes: any dtype (bf16/fp16 too) on any backend, bit-exact
+            if owner == self.rank:
+                weight = mine[name][0].detach().contiguous()
+                buf = weight.reshape(-1).view(torch.uint8).to(self._comm_device(weight.device))
+            else:
+                nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+                device = torch.device("cuda", torch.cuda.current_device()) if comm == "cuda" else "cpu"
+                buf = torch.empty(nbytes, dtype=torch.uint8, device=device)  # where the owner sends from
             dist.broadcast(buf, src=owner)
-            results[name] = (buf, record)
+            results[name] = (buf.view(dtype).reshape(shape), record)
         return results
 
     def barrier(self) -> None:
         dist.barrier()
 
 
-def init_from_env() -> Parallel:
+def init_from_env(device: str = "auto") -> Parallel:
     """Join the process group ``torchrun`` describes (``WORLD_SIZE > 1``), else run single-process.
 
-    Backend: ``nccl`` when CUDA is available, otherwise ``gloo``; each rank uses ``cuda:LOCAL_RANK``.
+    Backend: ``gloo`` on CPU-only machines (or with ``device="cpu"``), ``cpu:gloo,cuda:nccl`` when CUDA
+    is available (GPU tensors over NCCL, CPU objects over gloo); override with ``$ALPSPRUNE_DIST_BACKEND``.
+    Each rank uses ``cuda:LOCAL_RANK``. Collective timeout: ``$ALPSPRUNE_DIST_TIMEOUT_MIN`` minutes
+    (default 180).
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return single_process()
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
-    return Distributed()
+        use_cuda = torch.cuda.is_available() and not str(device).startswith("cpu")
+        if use_cuda:
+            torch.cuda.set_device(_local_gpu())
+        backend = os.environ.get("ALPSPRUNE_DIST_BACKEND") or ("cpu:gloo,cuda:nccl" if use_cuda else "gloo")
+        minutes = float(os.environ.get("ALPSPRUNE_DIST_TIMEOUT_MIN", DEFAULT_TIMEOUT_MIN))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=minutes))
+    parallel = Distributed()
+    if not parallel.is_main:
+        _quiet_progress()
+    return parallel
 
 
-def default_device(parallel: Parallel) -> str:
-    """Per-rank compute device: ``cuda:LOCAL_RANK`` under torchrun with GPUs, else CPU/auto."""
-    if parallel.world_size > 1 and torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return "auto"
+def _quiet_progress() -> None:
+    """Progress bars on rank 0 only: silence the Hugging Face libraries' bars on the other ranks."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
+
+
+def _local_gpu() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1)
+
+
+def default_device(parallel: Parallel, requested: str = "auto") -> str:
+    """Per-rank compute device: under torchrun with GPUs, ``auto``/``cuda`` mean ``cuda:LOCAL_RANK``."""
+    if parallel.world_size > 1 and torch.cuda.is_available() and str(requested) in ("auto", "cuda"):
+        return f"cuda:{_local_gpu()}"
+    return requested
+
+
+def finalize(parallel: Parallel) -> None:
+    """Leave the process group (no-op single-process)."""
+    if parallel.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()

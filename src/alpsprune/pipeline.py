@@ -297,7 +297,7 @@ def prune_model(
     from .checkpoint import Checkpointer  # local: keeps import light
 
     ckpt = Checkpointer(checkpoint_dir, settings, calibration) if checkpoint_dir else None
-    my_samples = parallel.shard(calibration)  # data parallel: each rank its share of the windows
+    my_samples = parallel.shard(calibration, batch_size)  # data parallel: each rank its batches
     with torch.no_grad():
         inputs = capture_block_inputs(model, my_samples, device, batch_size=batch_size, store_device=store)
     hidden = inputs.hidden
