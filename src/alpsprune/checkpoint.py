@@ -13,6 +13,16 @@ Disk cost: the pruned weights of the targeted layers (about the model's size in 
 every block is kept) plus one copy of the calibration activations:
 ``nsamples × seqlen × hidden × 4`` bytes in float32 (128 × 2048 × 4096 × 4 B = 4.3 GB for a
 7B model; twice that with the dense-output target).
+
+Determinism: the same model, calibration tokens (same source, ``nsamples``, ``seqlen`` and seed),
+method, options and library versions give the same pruned weights, bit for bit, on CPU — and a run
+killed and resumed from a checkpoint gives exactly the weights of an uninterrupted one, since the
+saved block inputs are the exact tensors the next block would have seen. Solvers break ties by
+index, never by chance. On GPU, cuBLAS reductions and ``torch.linalg.eigh``/Cholesky may differ in
+the last bits between runs, GPU models or driver versions, and a support decision on a near-tie
+can then flip; results agree to rounding, not bit for bit. Resuming on another device than the
+one that wrote the checkpoint is allowed (the device is not part of the fingerprint) but is only
+as reproducible as that.
 """
 
 from __future__ import annotations
@@ -120,6 +130,13 @@ def load_checkpoint(directory, settings: dict, calibration: torch.Tensor) -> Che
             f"checkpoint in {directory} was made with different settings or calibration data; "
             "use the same command line to resume, or start fresh without --resume"
         )
-    payload = torch.load(directory / state["inputs_file"], weights_only=True)
-    report = PruneReport.from_dict(state["report"])
-    return CheckpointState(directory, int(state["next_block"]), payload["hidden"], payload["dense"], report)
+    try:
+        payload = torch.load(directory / state["inputs_file"], weights_only=True)
+        report = PruneReport.from_dict(state["report"])
+        next_block = int(state["next_block"])
+    except Exception as exc:  # a missing/truncated file or an older format: say so, do not crash
+        raise CheckpointError(
+            f"checkpoint {directory} is incomplete or corrupt ({type(exc).__name__}: {exc}); "
+            "start again without --resume"
+        ) from None
+    return CheckpointState(directory, next_block, payload["hidden"], payload["dense"], report)

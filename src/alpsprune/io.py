@@ -192,10 +192,7 @@ def _load_pretrained(
         config = AutoConfig.from_pretrained(source, **common)
     except Exception as exc:  # transformers raises OSError/ValueError/HTTP errors alike
         raise ModelError(f"cannot load model {source!r}: {_cause(exc)}{hint}") from exc
-    if getattr(config, "is_encoder_decoder", False):
-        raise ModelError(
-            f"model {source!r} ({config.model_type}) is an encoder-decoder, not a decoder-only LM"
-        )
+    require_decoder_only(config, source)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, **common)
     except ValueError as exc:
@@ -213,6 +210,73 @@ def _load_pretrained(
     except Exception as exc:
         raise ModelError(f"cannot load the tokenizer of {source!r}: {_cause(exc)}{hint}") from exc
     return model, tokenizer
+
+
+def require_decoder_only(config: Any, source: Any = "the model") -> None:
+    """Refuse encoder-decoder and encoder-only (masked-LM) configs before any weight is read.
+
+    transformers maps some encoders (BERT, RoBERTa, ...) to a `*LMHeadModel` / `*ForCausalLM` class, so the
+    class name alone does not tell; their configs say `is_decoder=False` unless built as a decoder.
+    """
+    kind = getattr(config, "model_type", type(config).__name__)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelError(f"model {source!r} ({kind}) is an encoder-decoder, not a decoder-only LM")
+    try:
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+            MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+        )
+    except ImportError:  # pragma: no cover
+        return
+    if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        causal = kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        raise ModelError(
+            f"model {source!r} ({kind}) is an encoder (masked LM), not a decoder-only causal LM"
+            + ("; set is_decoder=true in its config if it really was trained as a decoder" if causal else "")
+        )
+
+
+def model_skeleton(
+    model: str | os.PathLike[str] | None = None,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    trust_remote_code: bool = False,
+) -> nn.Module | None:
+    """The model's module tree on the `meta` device (no weights read, no memory), from its config alone.
+
+    Lets the CLI check blocks, target regexes and N:M shapes in a second, before a long load. Returns None
+    for GGUF files (their config lives in the weights file; `load_model` checks them).
+
+    :raises ModelError: the model cannot be found, or its config is not a decoder-only causal LM.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kind, source, _ = _resolve_source(model)
+    if kind == "gguf":
+        return None
+    hint = "" if kind == "local" else "; on an offline machine pass a local folder or a .gguf file instead"
+    common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if cache_dir is not None:
+        common["cache_dir"] = os.fspath(cache_dir)
+    try:
+        config = AutoConfig.from_pretrained(source, **common)
+    except Exception as exc:
+        raise ModelError(f"cannot load model {source!r}: {_cause(exc)}{hint}") from exc
+    require_decoder_only(config, source)
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc):
+            raise ModelError(
+                f"model {source!r} ({config.model_type}) is not a causal language model "
+                "(AutoModelForCausalLM does not support it)"
+            ) from exc
+        return None  # let the real load report it
+    except Exception:  # e.g. remote code that cannot be built on meta: the real load checks again
+        return None
+    find_decoder_blocks(skeleton)
+    return skeleton
 
 
 def _cause(exc: BaseException) -> str:

@@ -67,8 +67,14 @@ def plan_pruning(
     **solver_opts,
 ) -> PrunePlan:
     """Validate the request against the model without doing any heavy work (raises AlpsPruneError)."""
-    spec = SparsitySpec.parse(sparsity, mask_structure)
-    allowed = solver_options(method)  # raises for an unknown method
+    try:
+        allowed = solver_options(method)  # raises for an unknown method
+    except ValueError as exc:
+        raise AlpsPruneError(str(exc)) from None
+    try:
+        spec = SparsitySpec.parse(sparsity, mask_structure)
+    except ValueError as exc:  # the pattern itself is invalid (shape fit is checked per layer below)
+        raise TargetError(str(exc)) from None
     unknown = sorted(set(solver_opts) - set(allowed))
     if unknown:
         raise AlpsPruneError(
@@ -76,6 +82,10 @@ def plan_pruning(
         )
     targets = [targets] if isinstance(targets, str) else targets
     ignore = [ignore] if isinstance(ignore, str) else ignore
+    if getattr(model, "config", None) is not None:
+        from .io import require_decoder_only  # BERT & co. load as *LMHeadModel: refuse them by config
+
+        require_decoder_only(model.config, type(model).__name__)
     path, blocks = find_decoder_blocks(model)
     require_targets(model, targets, ignore)
     layers = [find_target_linears(block, f"{path}.{i}", targets, ignore) for i, block in enumerate(blocks)]

@@ -180,8 +180,11 @@ def _literal(value: str):
 
 def calib_shape(args) -> tuple[int, int]:
     bundled = args.model is None
-    nsamples = args.nsamples or (DEMO_NSAMPLES if bundled else STANDARD_NSAMPLES)
-    seqlen = args.seqlen or (DEMO_SEQLEN if bundled else STANDARD_SEQLEN)
+    # `is None`, not `or`: an explicit 0 is an error, not a request for the default.
+    nsamples = (
+        args.nsamples if args.nsamples is not None else (DEMO_NSAMPLES if bundled else STANDARD_NSAMPLES)
+    )
+    seqlen = args.seqlen if args.seqlen is not None else (DEMO_SEQLEN if bundled else STANDARD_SEQLEN)
     if nsamples < 1:
         raise UsageError(f"--nsamples must be at least 1, got {nsamples}")
     if seqlen < 8:
@@ -214,8 +217,32 @@ def check_device(device: str) -> None:
 
 
 def check_dtype(dtype: str, device: str) -> None:
-    if dtype == "float16" and device in ("cpu",):
+    from ..pipeline import resolve_device
+
+    if dtype not in DTYPES:
+        raise DeviceError(f"unsupported --dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if dtype == "float16" and resolve_device(device).type == "cpu":
         raise DeviceError("--dtype float16 is not supported for CPU pruning; use float32 or bfloat16 on CPU")
+
+
+def check_regexes(targets: list[str] | None, ignore: list[str] | None) -> None:
+    """Invalid --targets/--ignore regexes are a TargetError before anything is loaded."""
+    from ..models.discovery import _compile
+
+    _compile(targets, "targets")
+    _compile(ignore, "ignore")
+
+
+def check_solver_opts(method: str, opts: dict) -> None:
+    """Unknown --solver-opt keys fail before the model is loaded (the pipeline checks again)."""
+    from ..solvers import solver_options
+
+    allowed = solver_options(method)
+    unknown = sorted(set(opts) - set(allowed))
+    if unknown:
+        raise UsageError(
+            f"unknown solver option(s) {', '.join(unknown)} for --method {method}; valid: {', '.join(allowed) or 'none'}"
+        )
 
 
 def check_model_arg(model: str | None) -> None:

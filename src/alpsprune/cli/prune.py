@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..errors import AlpsPruneError, OutputError
+from ..errors import AlpsPruneError, CheckpointError, OutputError
 from ..sparsity import SparsitySpec
 from .common import (
     DEFAULT_SPARSITY,
@@ -28,6 +28,8 @@ from .common import (
     check_dtype,
     check_model_arg,
     check_output,
+    check_regexes,
+    check_solver_opts,
     default_output,
     eval_settings,
     parse_solver_opts,
@@ -104,6 +106,8 @@ def run(args) -> int:
     spec = resolve_spec(args)
     nsamples, seqlen = calib_shape(args)
     solver_opts = parse_solver_opts(args)
+    check_solver_opts(args.method, solver_opts)
+    check_regexes(args.targets, args.ignore)
     device = default_device(parallel) if args.device == "auto" else args.device
     check_device(device)
     check_dtype(args.dtype, device)
@@ -125,26 +129,47 @@ def run(args) -> int:
                 f"{ckpt_dir} holds the checkpoint of an unfinished run; pass --resume to continue it "
                 "or --overwrite to start over"
             )
+    elif not (ckpt_dir / "state.json").exists():
+        raise CheckpointError(
+            f"nothing to resume: no checkpoint (state.json) in {ckpt_dir}; run without --resume to start fresh"
+        )
 
-    # ---- load model and data ----------------------------------------------------------------------
+    # ---- structure, calibration, then the weights (the slow part) last --------------------------------
     from ..data import assert_no_window_overlap, eval_tokens, get_calibration
-    from ..io import load_model
+    from ..io import load_model, load_tokenizer, model_skeleton
     from ..pipeline import plan_pruning, prune_model
+
+    def plan(m):
+        p = plan_pruning(
+            m, method=args.method, **spec.as_kwargs(), targets=args.targets, ignore=args.ignore, **solver_opts
+        )
+        return len(p.layer_names), len(p.blocks)
+
+    skeleton = model_skeleton(args.model)  # config only, on the meta device: no weights read
+    if skeleton is not None:
+        plan(skeleton)
+        del skeleton
+    log.info("calibration: %d × %d tokens from %s (seed %d)", nsamples, seqlen, args.calib, args.seed)
+    calibration = get_calibration(
+        args.calib,
+        load_tokenizer(args.model),
+        nsamples,
+        seqlen,
+        args.seed,
+        split=args.calib_split,
+        text_field=args.text_field,
+    )
 
     log.info("loading %s", args.model or "bundled SmolLM2-135M-Instruct")
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     allocation_opts = {}
-    plan_pruning(
-        model,
-        method=args.method,
-        **spec.as_kwargs(),
-        targets=args.targets,
-        ignore=args.ignore,
-        **solver_opts,
-    )
-    log.info("calibration: %d × %d tokens from %s (seed %d)", nsamples, seqlen, args.calib, args.seed)
-    calibration = get_calibration(
-        args.calib, tokenizer, nsamples, seqlen, args.seed, split=args.calib_split, text_field=args.text_field
+    n_layers, n_blocks = plan(model)
+    log.info(
+        "targets: %d linear layers in %d blocks (targets=%s, ignore=%s)",
+        n_layers,
+        n_blocks,
+        args.targets,
+        args.ignore,
     )
     eval_data = {}
     if parallel.is_main:
