@@ -260,27 +260,30 @@ def run(args) -> int:
 
 
 def evaluate(model, tokenizer, eval_data: dict, seqlen: int, max_windows, device, quiet: bool) -> dict:
-    """Perplexity per dataset on the compute device (the model is moved there and back)."""
+    """Perplexity per dataset on the compute device. On a GPU the weights stay on the CPU and one
+    block at a time visits the device (like pruning), so any model that can be pruned can be scored."""
     from ..evaluation import perplexity
     from ..pipeline import resolve_device
 
     dev = resolve_device(device)
-    home = next(model.parameters()).device
     results = {}
-    try:
-        model.to(dev)
-        for name, tokens in eval_data.items():
-            if tokens.numel() < seqlen:
-                raise AlpsPruneError(
-                    f"evaluation set {name!r} has {tokens.numel()} tokens, fewer than one window of {seqlen}"
-                )
-            r = perplexity(
-                model, tokenizer, tokens, seqlen=seqlen, max_windows=max_windows, progress=not quiet
+    for name, tokens in eval_data.items():
+        if tokens.numel() < seqlen:
+            raise AlpsPruneError(
+                f"evaluation set {name!r} has {tokens.numel()} tokens, fewer than one window of {seqlen}"
             )
-            results[name] = {"ppl": r.ppl, "windows": r.windows, "seqlen": r.seqlen, "seconds": r.seconds}
-            log.info("perplexity %s: %.3f (%d windows of %d)", name, r.ppl, r.windows, r.seqlen)
-    finally:
-        model.to(home)
+        r = perplexity(
+            model,
+            tokenizer,
+            tokens,
+            seqlen=seqlen,
+            max_windows=max_windows,
+            progress=not quiet,
+            device=dev,
+            offload=dev.type != "cpu",
+        )
+        results[name] = {"ppl": r.ppl, "windows": r.windows, "seqlen": r.seqlen, "seconds": r.seconds}
+        log.info("perplexity %s: %.3f (%d windows of %d)", name, r.ppl, r.windows, r.seqlen)
     return results
 
 
