@@ -74,12 +74,22 @@ def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
     return 2.0 * n**3 / _best_seconds(lambda: a @ b, repeats)
 
 
-def eigh_rate(n: int = 768, repeats: int = 2) -> float:
-    """Effective flop/s of a float64 ``eigh`` of size ``n``, counting ``EIGH_FLOPS_CONSTANT·n³``."""
+def eigh_rate(n: int = 768, repeats: int = 3, threads: int | None = None) -> float:
+    """Effective flop/s of a float64 ``eigh`` of size ``n``, counting ``EIGH_FLOPS_CONSTANT·n³``.
+
+    ``threads`` temporarily overrides ``torch.set_num_threads`` (multi-threaded LAPACK ``eigh`` can be
+    many times slower than single-threaded on an oversubscribed CPU, so both are measured).
+    """
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=gen, dtype=torch.float64)
     a = a @ a.T / n + torch.eye(n, dtype=torch.float64)
-    return EIGH_FLOPS_CONSTANT * n**3 / _best_seconds(lambda: torch.linalg.eigh(a), repeats)
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return EIGH_FLOPS_CONSTANT * n**3 / _best_seconds(lambda: torch.linalg.eigh(a), repeats)
+    finally:
+        torch.set_num_threads(before)
 
 
 def machine_rates(quick: bool = False) -> dict[str, float]:
@@ -89,6 +99,7 @@ def machine_rates(quick: bool = False) -> dict[str, float]:
         "matmul_fp32_flops": matmul_rate(torch.float32, n),
         "matmul_fp64_flops": matmul_rate(torch.float64, n),
         "eigh_fp64_flops": eigh_rate(512 if quick else 768),
+        "eigh_fp64_flops_1thread": eigh_rate(512 if quick else 768, threads=1),
         "matmul_size": n,
     }
 
@@ -136,14 +147,16 @@ def alps_flops(
 def estimate_alps_seconds(
     out_f: int, in_f: int, rates: dict[str, float], iterations: int = 60, plain: bool = False
 ) -> float:
-    """Rough CPU time of one ALPS call (``iterations`` ADMM steps), used to skip sizes up front.
+    """Rough CPU time of one ALPS call (``iterations`` ADMM steps), used to skip sizes up front
+    (eigendecomposition at the better of the threaded / single-threaded ``eigh`` rate).
 
     ``plain`` = float64 and ``w_update="eig"`` (the unoptimised reference path).
     """
     mode = "eig" if plain else ("inverse" if in_f < 3 * out_f else "eig")
     fl = alps_flops(out_f, in_f, iterations, mode, 10, iterations // 3 + 1)
     rate = rates["matmul_fp64_flops"] if plain else rates["matmul_fp32_flops"]
-    return fl["eig"] / rates["eigh_fp64_flops"] + (fl["setup"] + fl["admm"] + fl["pcg"]) / rate
+    eig_rate = max(rates["eigh_fp64_flops"], rates.get("eigh_fp64_flops_1thread", 0.0))
+    return fl["eig"] / eig_rate + (fl["setup"] + fl["admm"] + fl["pcg"]) / rate
 
 
 def replay_rho_values(support_changes: Sequence[int], k: int, rho0: float = 0.1) -> int:

@@ -195,13 +195,15 @@ def main(argv: list[str] | None = None) -> None:
     blocks = [int(b) for b in parse_list(args.blocks)] if args.blocks else None
     if args.quick:
         sizes, blocks = [(1024, 1024)], [QUICK_BLOCK]
+        args.max_alps_seconds = math.inf  # the quick synthetic size always runs
 
     output = args.output or RESULTS_DIR / ("layers_quick.json" if args.quick else "layers.json")
     t_start = time.perf_counter()
     rates = machine_rates(quick=True)
     print(
         f"machine: fp32 matmul {rates['matmul_fp32_flops'] / 1e9:.1f} GFLOP/s, fp64 "
-        f"{rates['matmul_fp64_flops'] / 1e9:.1f}, eigh fp64 (9n³) {rates['eigh_fp64_flops'] / 1e9:.1f}; "
+        f"{rates['matmul_fp64_flops'] / 1e9:.1f}, eigh fp64 (9n³) {rates['eigh_fp64_flops'] / 1e9:.1f} "
+        f"(1 thread {rates['eigh_fp64_flops_1thread'] / 1e9:.1f}); "
         f"threads {torch.get_num_threads()}"
     )
     rows: list[dict] = []

@@ -478,6 +478,7 @@ def main(argv: list[str] | None = None) -> None:
     blocks = [int(b) for b in parse_list(args.blocks)] if args.blocks else None
     if args.quick:
         shapes, blocks, args.model_level = [parse_size(s) for s in QUICK_SHAPES], [QUICK_BLOCK], False
+        args.max_seconds = math.inf  # the quick synthetic size always runs
     output = args.output or RESULTS_DIR / ("speed_quick.json" if args.quick else "speed.json")
     plain = not args.no_plain
 
@@ -486,7 +487,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"machine: fp32 matmul {rates['matmul_fp32_flops'] / 1e9:.1f} GFLOP/s, fp64 matmul "
         f"{rates['matmul_fp64_flops'] / 1e9:.1f} GFLOP/s (n={rates['matmul_size']}), fp64 eigh "
-        f"{rates['eigh_fp64_flops'] / 1e9:.1f} GFLOP/s counting {EIGH_FLOPS_CONSTANT:g}·n³; "
+        f"{rates['eigh_fp64_flops'] / 1e9:.1f} GFLOP/s (1 thread: {rates['eigh_fp64_flops_1thread'] / 1e9:.1f}) counting {EIGH_FLOPS_CONSTANT:g}·n³; "
         f"threads {torch.get_num_threads()}; pattern {pattern}"
     )
     layers: list[dict] = []
