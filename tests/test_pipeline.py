@@ -34,7 +34,7 @@ def test_every_architecture(arch, pattern):
     report = alpsprune.prune_model(model, calibration(model), method="sparsegpt", progress=False, **pattern)
     spec = SparsitySpec.parse(**pattern)
     assert sorted(r.name for r in report.layers) == sorted(targets)
-    for name, module in targets.items():
+    for module in targets.values():
         W = get_weight(module)
         assert pattern_ok(W != 0, spec) if spec.is_nm else int((W != 0).sum()) <= spec.n_kept(*W.shape)
     record_sparsity = {r.name: r.sparsity for r in report.layers}
@@ -65,7 +65,7 @@ def test_exact_kept_count_with_alps():
     report = alpsprune.prune_model(model, calibration(model), method="alps", sparsity=0.7, progress=False)
     for r in report.layers:
         assert r.info["iterations"] >= 1
-    for name, module in list_target_layers(model).items():
+    for module in list_target_layers(model).values():
         W = get_weight(module)
         assert int((W != 0).sum()) <= round(0.3 * W.numel())
 
