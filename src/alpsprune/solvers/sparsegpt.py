@@ -40,7 +40,7 @@ import torch
 from ..errors import SolverError
 from ..masks import nm_mask, topk_mask
 from ..sparsity import SparsitySpec
-from ..stats import Gram
+from ..stats import Gram, lapack_threads
 from .base import register
 
 MAX_DAMPENING_RETRIES = 4  # 0.01 -> 0.1 -> 1 -> 10 -> 100 (× mean diag)
@@ -60,10 +60,11 @@ def _inverse_cholesky(gram: Gram, dampening_frac: float) -> dict:
             H[dead, :] = 0.0
             H[:, dead] = 0.0
         H.diagonal().add_(lam)
-        L, info = torch.linalg.cholesky_ex(H)
+        with lapack_threads(H.device):  # one thread: see stats.lapack_threads
+            L, info = torch.linalg.cholesky_ex(H)
+            if int(info) == 0:
+                U, info2 = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
         if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
             if int(info2) == 0 and bool(torch.isfinite(U).all()):
                 U32 = U.to(torch.float32)
                 if bool(torch.isfinite(U32).all()) and bool((torch.diagonal(U32) > 0).all()):
