@@ -38,7 +38,6 @@ max_sparsity]``, default ``[max(0, s − 0.2), min(0.95, s + 0.2)]``; integer co
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -50,7 +49,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import AlpsPruneError
-from .models import capture_block_inputs, find_decoder_blocks, find_target_linears, get_weight, run_block
+from .models import (
+    capture_block_inputs,
+    find_decoder_blocks,
+    find_target_linears,
+    get_weight,
+    input_hooks,
+    run_block,
+)
 from .solvers import prune_layer, solver_options
 from .stats import Gram
 
@@ -288,18 +294,6 @@ def exact_allocation(
 # ---- model side ----------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _pre_hooks(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]):
-    handles = [
-        m.register_forward_pre_hook(lambda mod, args, n=name: fn(n, args[0])) for name, m in modules.items()
-    ]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def _dense_block_pass(
     block: nn.Module,
     layers: dict[str, nn.Module],
@@ -334,7 +328,7 @@ def _dense_block_pass(
         if owner[name] == name:
             stats[name].add_batch(x2)
 
-    with _pre_hooks(layers, record), torch.no_grad():
+    with input_hooks(layers, record), torch.no_grad():
         for b, h in enumerate(hidden):
             seen.clear()
             alive.clear()

@@ -24,6 +24,7 @@ from .models import (
     find_decoder_blocks,
     find_target_linears,
     get_weight,
+    input_hooks,
     require_targets,
     run_block,
     set_weight,
@@ -131,18 +132,6 @@ class _StopForward(Exception):
     """Raised by a hook once the statistics a stage needs are in; skips the rest of the block."""
 
 
-@contextlib.contextmanager
-def _hooks(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]):
-    handles = [
-        m.register_forward_pre_hook(lambda mod, args, n=name: fn(n, args[0])) for name, m in modules.items()
-    ]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def input_groups(
     block: nn.Module, layers: dict[str, nn.Module], hidden: torch.Tensor, kwargs: dict
 ) -> list[list[str]]:
@@ -158,7 +147,7 @@ def input_groups(
     def record(name: str, x: torch.Tensor) -> None:
         seen.append(((x.data_ptr(), tuple(x.shape), x.stride(), x.dtype), name, x))
 
-    with _hooks(layers, record), torch.no_grad():
+    with input_hooks(layers, record), torch.no_grad():
         run_block(block, hidden, kwargs)
     groups: dict[tuple, list[str]] = {}
     for key, name, _ in seen:
@@ -197,7 +186,7 @@ def collect_grams(
         if not pending:
             raise _StopForward
 
-    with _hooks(leaders, accumulate), torch.no_grad():
+    with input_hooks(leaders, accumulate), torch.no_grad():
         for batch_index, h in enumerate(hidden):
             pending.update(leaders)
             with contextlib.suppress(_StopForward):
@@ -215,7 +204,7 @@ def capture_layer_inputs(
     def keep(name: str, x: torch.Tensor) -> None:
         captured[-1][name] = x.detach().to(store)
 
-    with _hooks(leaders, keep), torch.no_grad():
+    with input_hooks(leaders, keep), torch.no_grad():
         for b, h in enumerate(hidden):
             captured.append({})
             outputs.append(run_block(block, h.to(device), kwargs_of(b)).to(store))

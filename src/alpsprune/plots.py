@@ -26,28 +26,37 @@ def layer_kind(name: str) -> str:
     return name
 
 
-def plot_layers(report: PruneReport, path: str | Path, title: str | None = None) -> Path:
-    """Relative reconstruction error of every layer, by block, one line per layer role (log scale)."""
+def _plot_by_block(report: PruneReport, value, ylabel: str, title: str, path, log: bool) -> Path:
+    """One line per layer role (q_proj, down_proj, ...) of ``value(record)`` against the block index."""
     plt = _pyplot()
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for r in report.layers:
-        series[layer_kind(r.name)].append((r.block, max(r.error, 1e-12)))
+        series[layer_kind(r.name)].append((r.block, value(r)))
     fig, ax = plt.subplots(figsize=(9, 5))
     for kind, points in series.items():
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=kind)
-    ax.set_yscale("log")
+    if log:
+        ax.set_yscale("log")
     ax.set_xlabel("block")
-    ax.set_ylabel("relative reconstruction error")
-    s = report.settings
-    pattern = s.get("mask_structure") or f"{s.get('sparsity', 0):.0%}"
-    ax.set_title(title or f"{s.get('method', '')} at {pattern}: per-layer error")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def plot_layers(report: PruneReport, path: str | Path, title: str | None = None) -> Path:
+    """Relative reconstruction error of every layer, by block, one line per layer role (log scale)."""
+    s = report.settings
+    pattern = s.get("mask_structure") or f"{s.get('sparsity', 0):.0%}"
+    title = title or f"{s.get('method', '')} at {pattern}: per-layer error"
+    return _plot_by_block(
+        report, lambda r: max(r.error, 1e-12), "relative reconstruction error", title, path, True
+    )
 
 
 def plot_compare(
@@ -92,20 +101,5 @@ def plot_compare(
 
 def plot_allocation(report: PruneReport, path: str | Path) -> Path:
     """Per-layer sparsity chosen by a non-uniform allocation, by block and layer role."""
-    plt = _pyplot()
-    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    for r in report.layers:
-        series[layer_kind(r.name)].append((r.block, r.sparsity))
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for kind, points in series.items():
-        points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=kind)
-    ax.set_xlabel("block")
-    ax.set_ylabel("sparsity")
-    ax.set_title(f"per-layer sparsity (overall {report.summary['targeted_sparsity']:.3f})")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    title = f"per-layer sparsity (overall {report.summary['targeted_sparsity']:.3f})"
+    return _plot_by_block(report, lambda r: r.sparsity, "sparsity", title, path, False)

@@ -337,11 +337,13 @@ def report_markdown(report) -> str:
 def write_outputs(model, tokenizer, report, out: Path, args, ckpt_dir: Path) -> None:
     """Everything into one temporary folder, then one rename (see :func:`alpsprune.io.save_pruned`)."""
     from ..io import save_pruned
-    from ..plots import plot_layers
+    from ..plots import plot_allocation, plot_layers
 
     with tempfile.TemporaryDirectory() as tmp:
         png = plot_layers(report, Path(tmp) / "layers.png")
         extra = {"report.md": report_markdown(report), "layers.png": png}
+        if report.settings.get("allocation"):  # non-uniform per-layer sparsity: show the choice
+            extra["allocation.png"] = plot_allocation(report, Path(tmp) / "allocation.png")
         in_output = ckpt_dir.resolve().parent == out.resolve()
         save_pruned(
             model,

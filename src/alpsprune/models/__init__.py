@@ -1,7 +1,7 @@
 """Model-facing layer: find decoder blocks and target linears, read/write `(out, in)` weights, capture block
 inputs and run single blocks. Architecture differences are discovered from the module tree, not tabulated."""
 
-from alpsprune.models.capture import BlockInputs, capture_block_inputs, offloaded, run_block
+from alpsprune.models.capture import BlockInputs, capture_block_inputs, input_hooks, offloaded, run_block
 from alpsprune.models.discovery import (
     Conv1D,
     find_decoder_blocks,
@@ -21,6 +21,7 @@ __all__ = [
     "find_decoder_blocks",
     "find_target_linears",
     "get_weight",
+    "input_hooks",
     "is_target_module",
     "list_target_layers",
     "offloaded",

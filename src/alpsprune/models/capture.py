@@ -334,3 +334,17 @@ def offloaded(model: nn.Module, device: torch.device | str) -> Iterator[None]:
         for h in handles:
             h.remove()
         restore()
+
+
+@contextlib.contextmanager
+def input_hooks(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """Call ``fn(name, input)`` with the first positional input of every module in ``modules`` on each
+    forward; the hooks are removed on exit, whatever happens."""
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, n=name: fn(n, args[0])) for name, m in modules.items()
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
