@@ -24,11 +24,9 @@ from pathlib import Path
 VARIANTS = {
     "faithful": {},
     "sublayer": {"sequential": "sublayer"},
-    "dense": {"dense_target": True},
-    "dense+sublayer": {"dense_target": True, "sequential": "sublayer"},
+    "dense+sublayer": {"dense_target": True, "sequential": "sublayer"},  # dense_target implies sublayer
     "owl": {"allocation": "owl"},
     "curve": {"allocation": "curve"},
-    "dense+owl": {"dense_target": True, "allocation": "owl"},
     "dense+sublayer+owl": {"dense_target": True, "sequential": "sublayer", "allocation": "owl"},
 }
 
