@@ -25,7 +25,9 @@ def test_alps_far_better_than_magnitude_on_real_model():
     results = {}
     for method in ("magnitude", "alps"):
         model.load_state_dict(dense_weights)
-        report = alpsprune.prune_model(model, calib, method=method, sparsity=0.5, targets=[BLOCKS], progress=False)
+        report = alpsprune.prune_model(
+            model, calib, method=method, sparsity=0.5, targets=[BLOCKS], progress=False
+        )
         assert report.summary["targeted_sparsity"] == pytest.approx(0.5, abs=1e-6)
         assert len(report.layers) == 42
         results[method] = ppl()
