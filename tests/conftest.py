@@ -35,6 +35,14 @@ def tiny_llama() -> torch.nn.Module:
     return make_tiny_model("llama")
 
 
+@pytest.fixture(scope="session")
+def bundled_tokenizer():
+    """The bundled SmolLM2 tokenizer, through the library's own loader (GGUF, cached after first use)."""
+    from alpsprune.io import load_tokenizer
+
+    return load_tokenizer(None)
+
+
 @pytest.fixture
 def input_ids() -> torch.Tensor:
     """Four random 16-token windows from the tiny vocabulary."""

