@@ -127,7 +127,7 @@ def alps_flops(
 ) -> dict[str, float]:
     """FLOPs of each ALPS phase for an ``(out, in)`` layer.
 
-    - ``eig``: ``EIGH_FLOPS_CONSTANT·in³`` (float64 ``eigh`` of the scaled ``Hn``).
+    - ``eig``: ``EIGH_FLOPS_CONSTANT·in³`` (``eigh`` of the scaled ``Hn``, in ALPS's ``precision``).
     - ``setup``: ``C = B0·Hn``, one ``2·out·in²`` matmul.
     - ``admm``: per iteration ``2·(2·out·in²)`` with ``w_update="eig"`` (two products with ``Q``), or
       ``2·out·in²`` with ``"inverse"`` plus ``2·in³`` per distinct ρ (re-forming ``Q diag Qᵀ``).

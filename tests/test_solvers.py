@@ -91,6 +91,16 @@ def test_topk_tie_break_prefers_lower_index():
     assert topk_mask(scores, 2).tolist() == [[False, True, True, False, False]]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k", [0, 1, 37, 300, 511, 512])
+def test_topk_mask_equals_stable_sort(dtype, k):
+    """The threshold selection (NumPy introselect on CPU) equals a stable descending sort, ties included."""
+    scores = torch.randint(0, 9, (16, 32), generator=torch.Generator().manual_seed(k)).to(dtype)
+    order = torch.sort(scores.reshape(-1).float(), descending=True, stable=True).indices[:k]
+    expected = torch.zeros(512, dtype=torch.bool).scatter_(0, order, True).reshape(16, 32)
+    assert torch.equal(topk_mask(scores, k), expected)
+
+
 def test_relative_error_matches_definition():
     W, G = random_layer(seed=5)
     Wp = W * (torch.rand_like(W) > 0.5)

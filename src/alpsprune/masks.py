@@ -7,15 +7,32 @@ so the same input always gives the same mask with exactly the requested number k
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .sparsity import SparsitySpec
 
 
+def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th largest entry of a 1-D tensor, as a 0-d tensor on its device.
+
+    On the CPU, NumPy's introselect is ~10× faster than ``torch.kthvalue`` (1 ms vs 10 ms for
+    0.9 M floats, one thread) — this selection runs every ADMM iteration, so it matters.
+    """
+    n = flat.numel()
+    if flat.device.type == "cpu":
+        values = flat.detach()
+        if values.dtype not in (torch.float16, torch.float32, torch.float64):
+            values = values.float()  # e.g. bfloat16: NumPy has no such type; the cast keeps order
+        picked = np.partition(values.numpy(), n - k)[n - k]
+        return torch.tensor(picked.item(), dtype=flat.dtype)
+    return torch.kthvalue(flat, n - k + 1).values
+
+
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask keeping exactly the ``k`` largest entries of ``scores`` (layer-wide).
 
-    Selection is a linear-time ``kthvalue`` threshold plus an exact tie fill, not a full sort.
+    Selection is a linear-time threshold plus an exact tie fix-up, not a full sort.
     """
     flat = scores.reshape(-1)
     n = flat.numel()
@@ -23,12 +40,12 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones_like(scores, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    threshold = torch.kthvalue(flat, n - k + 1).values  # k-th largest
-    keep = flat > threshold
-    missing = k - int(keep.sum())
-    if missing > 0:  # fill from the ties at the threshold, lowest index first
-        tie_index = torch.nonzero(flat == threshold).squeeze(1)[:missing]
-        keep[tie_index] = True
+    threshold = kth_largest(flat, k)
+    keep = flat >= threshold
+    extra = int(torch.count_nonzero(keep)) - k
+    if extra > 0:  # ties at the threshold: keep the lowest indices, drop the highest
+        tie_index = torch.nonzero(flat == threshold).squeeze(1)
+        keep[tie_index[tie_index.numel() - extra :]] = False
     return keep.reshape(scores.shape)
 
 
@@ -38,13 +55,18 @@ def nm_mask(scores: torch.Tensor, n_keep: int, m: int) -> torch.Tensor:
     groups = scores.reshape(out_features, in_features // m, m)
     if m <= 8:
         # rank of each entry in its group by pairwise comparison (m² cheap elementwise ops, no sort):
-        # rank_j = #{i : s_i > s_j, or s_i == s_j and i < j}; keep rank < n_keep
-        rank = torch.zeros_like(groups, dtype=torch.uint8)
-        for i in range(m):
-            s_i = groups[..., i : i + 1]
-            rank[..., :i] += s_i > groups[..., :i]
-            rank[..., i + 1 :] += s_i >= groups[..., i + 1 :]
-        return (rank < n_keep).reshape(out_features, in_features)
+        # rank_j = #{i : s_i > s_j, or s_i == s_j and i < j}; keep rank < n_keep.
+        # The m positions are first made contiguous planes: strided compares are ~2× slower.
+        planes = groups.permute(2, 0, 1).contiguous()
+        mask = torch.empty_like(groups, dtype=torch.bool)
+        rank = torch.empty_like(planes[0], dtype=torch.uint8)
+        for j in range(m):
+            rank.zero_()
+            for i in range(m):
+                if i != j:
+                    rank += planes[i] >= planes[j] if i < j else planes[i] > planes[j]
+            torch.lt(rank, n_keep, out=mask[..., j])
+        return mask.reshape(out_features, in_features)
     # stable descending sort: among ties the lower index comes first
     order = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :n_keep]
     mask = torch.zeros_like(groups, dtype=torch.bool)

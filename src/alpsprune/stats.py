@@ -46,8 +46,8 @@ class ScaledEig:
     lam: float
     e: torch.Tensor  # (in,) float64
     Hn: torch.Tensor  # (in, in) float64, unit diagonal
-    Q: torch.Tensor  # (in, in) float64 eigenvectors
-    L: torch.Tensor  # (in,) float64 eigenvalues (clamped at 0)
+    Q: torch.Tensor  # (in, in) eigenvectors, in the dtype the decomposition ran in
+    L: torch.Tensor  # (in,) eigenvalues (clamped at 0), same dtype as Q
 
 
 class Gram:
@@ -135,15 +135,19 @@ class Gram:
         H.diagonal().add_(lam)
         return H, lam
 
-    def scaled_eig(self, dampening_frac: float) -> ScaledEig:
-        """ALPS pre-processing, computed once per (Gram, dampening) and cached."""
-        key = ("eig", dampening_frac)
+    def scaled_eig(self, dampening_frac: float, dtype: torch.dtype = torch.float64) -> ScaledEig:
+        """ALPS pre-processing, computed once per (Gram, dampening, dtype) and cached.
+
+        ``Hn`` is always formed in float64; ``dtype`` is the precision of the eigendecomposition
+        itself (float32 halves its time; ALPS's ADMM consumes ``Q, L`` in float32 anyway).
+        """
+        key = ("eig", dampening_frac, dtype)
         if key not in self._cache:
             H, lam = self.damped(dampening_frac)
             e = torch.sqrt(torch.diagonal(H)) + 1e-8
             Hn = H / e[:, None] / e[None, :]
             with lapack_threads(Hn.device):
-                L, Q = torch.linalg.eigh(Hn)
+                L, Q = torch.linalg.eigh(Hn.to(dtype))
             Gram.eig_count += 1
             self._cache[key] = ScaledEig(lam=lam, e=e, Hn=Hn, Q=Q, L=L.clamp_min(0.0))
         return self._cache[key]
