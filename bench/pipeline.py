@@ -5,8 +5,9 @@ Every run is a separate subprocess (so its peak RSS is its own) on the same cali
 (same source, seed, count and length). The dense model is evaluated once.
 
     python bench/pipeline.py                                   # issue 3: 4 methods × 0.5, 0.7, 2:4
-    python bench/pipeline.py --methods alps --patterns 0.6,0.7,0.8,2:4 \\
-        --variants faithful,sublayer,dense,dense+sublayer --out bench/results/beyond   # issue 9
+    python bench/pipeline.py --methods alps --patterns 0.6,0.7,0.8 --jobs 2 \\
+        --variants faithful,sublayer,dense+sublayer,owl,curve,dense+sublayer+owl,dense+sublayer+curve \\
+        --out bench/results/beyond_alps                                              # issue 9
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ VARIANTS = {
     "owl": {"allocation": "owl"},
     "curve": {"allocation": "curve"},
     "dense+sublayer+owl": {"dense_target": True, "sequential": "sublayer", "allocation": "owl"},
+    "dense+sublayer+curve": {"dense_target": True, "sequential": "sublayer", "allocation": "curve"},
 }
 
 

@@ -8,6 +8,7 @@ import torch
 import alpsprune
 from alpsprune.masks import mask_for
 from alpsprune.solvers.alps import alps_rhs, pcg_refit
+from alpsprune.solvers.base import dense_target_weight
 from alpsprune.sparsity import SparsitySpec
 from alpsprune.stats import Gram
 
@@ -126,6 +127,63 @@ def test_dense_target_with_identical_inputs_reduces_to_plain_alps():
     b = alpsprune.prune_layer(W, dense_target, method="alps", sparsity=0.7, precision="float64")
     assert torch.equal(a.mask, b.mask)
     assert torch.allclose(a.weight, b.weight, rtol=1e-6, atol=1e-7)
+
+
+def _dense_target_grams(seed: int, n: int = 64):
+    """(plain gram of X̃, gram of X̃ carrying the cross term X̃ᵀX) for pruned inputs X̃ ≠ dense X."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(512, n, generator=g) @ torch.randn(n, n, generator=g)
+    X_pruned = X + 0.3 * torch.randn(512, n, generator=g)
+    plain, cross = Gram(n), Gram(n)
+    plain.add_batch(X_pruned)
+    cross.add_batch(X_pruned, dense_x=X)
+    return X, X_pruned, plain, cross
+
+
+def test_dense_target_reduction_equals_least_squares_and_native_alps():
+    """Non-native solvers get W* = Ŵ(XᵀX̃+λI)(X̃ᵀX̃+λI)⁻¹; at 0% sparsity that is the damped LS fit,
+    and it poses the same quadratic as ALPS's native cross-gram route."""
+    X, X_pruned, plain, cross = _dense_target_grams(11)
+    W = torch.randn(32, 64, generator=torch.Generator().manual_seed(12))
+    lam = 0.01 * float(torch.diagonal(plain.G).mean())
+    Xd, Xp = X.double(), X_pruned.double()
+    H = Xp.T @ Xp + lam * torch.eye(64, dtype=torch.float64)
+    expected = torch.linalg.solve(H, Xp.T @ Xd @ W.double().T + lam * W.double().T).T
+    dense = alpsprune.prune_layer(W, cross, method="sparsegpt", sparsity=0.0)
+    assert torch.allclose(dense.weight.double(), expected, rtol=1e-4, atol=1e-4)
+
+    # ALPS's linear term from the cross gram equals the one from W* with the plain gram (only ADMM's
+    # warm start differs: Ŵ natively, W* through the reduction)
+    W_star = dense_target_weight(W, cross, 0.01)
+    C_native = alps_rhs(W, cross, 0.01, torch.float64)
+    C_reduced = alps_rhs(W_star, plain, 0.01, torch.float64)
+    assert torch.allclose(C_native, C_reduced, rtol=1e-5, atol=1e-6 * float(C_native.abs().max()))
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude", "dsnot"])
+def test_dense_target_with_identical_inputs_is_plain_for_every_solver(method):
+    X, _, _, _ = _dense_target_grams(13)
+    W = torch.randn(32, 64, generator=torch.Generator().manual_seed(14))
+    plain, cross = Gram(64), Gram(64)
+    plain.add_batch(X)
+    cross.add_batch(X, dense_x=X)
+    a = alpsprune.prune_layer(W, plain, method=method, sparsity=0.6)
+    b = alpsprune.prune_layer(W, cross, method=method, sparsity=0.6)
+    assert torch.equal(a.mask, b.mask)
+    assert torch.allclose(a.weight, b.weight, rtol=1e-4, atol=1e-5)
+
+
+def test_sparsegpt_dense_target_lowers_the_dense_output_error():
+    X, X_pruned, plain, cross = _dense_target_grams(15)
+    W = torch.randn(32, 64, generator=torch.Generator().manual_seed(16))
+
+    def dense_output_error(Wp: torch.Tensor) -> float:
+        return float(((X_pruned @ Wp.T - X @ W.T) ** 2).sum())
+
+    for sparsity in (0.2, 0.6):
+        standard = alpsprune.prune_layer(W, plain, method="sparsegpt", sparsity=sparsity)
+        corrected = alpsprune.prune_layer(W, cross, method="sparsegpt", sparsity=sparsity)
+        assert dense_output_error(corrected.weight) < dense_output_error(standard.weight)
 
 
 def test_shared_gram_factorises_once():

@@ -110,6 +110,12 @@ class Gram:
         other.cross = None if self.cross is None else self.cross.to(device)
         return other
 
+    def without_cross(self) -> Gram:
+        """The same sums without the dense-output cross term; shares ``G`` and the factorisation cache."""
+        other = Gram(self.in_features, device=self.G.device)
+        other.G, other.sum, other.count, other._cache = self.G, self.sum, self.count, self._cache
+        return other
+
     # ---- derived statistics -------------------------------------------------------------------
     @property
     def mean(self) -> torch.Tensor:

@@ -159,7 +159,7 @@ def scaled_objective(X: torch.Tensor, C: torch.Tensor, Hn: torch.Tensor) -> torc
     return 0.5 * ((X @ Hn) * X).sum() - (X * C).sum()
 
 
-@register("alps")
+@register("alps", dense_target=True)
 def solve_alps(
     W_hat: torch.Tensor,
     gram: Gram,

@@ -18,18 +18,40 @@ import torch
 
 from ..masks import pattern_ok, relative_error
 from ..sparsity import SparsitySpec
-from ..stats import Gram
+from ..stats import Gram, lapack_threads
 
 SolveFn = Callable[..., tuple[torch.Tensor, torch.Tensor, dict]]
 SOLVERS: dict[str, SolveFn] = {}
+# solvers that use ``gram.cross`` themselves; the others get the dense target through
+# :func:`dense_target_weight` (an exact reduction, see there)
+NATIVE_DENSE_TARGET: set[str] = set()
 
 
-def register(name: str) -> Callable[[SolveFn], SolveFn]:
+def register(name: str, *, dense_target: bool = False) -> Callable[[SolveFn], SolveFn]:
     def wrap(fn: SolveFn) -> SolveFn:
         SOLVERS[name] = fn
+        if dense_target:
+            NATIVE_DENSE_TARGET.add(name)
         return fn
 
     return wrap
+
+
+def dense_target_weight(W_hat: torch.Tensor, gram: Gram, dampening_frac: float) -> torch.Tensor:
+    """``W* = Ŵ (XᵀX̃ + λI)(X̃ᵀX̃ + λI)⁻¹``: the dense weight that best maps pruned inputs to dense outputs.
+
+    Per row, ``‖X̃w − Xŵ‖² + λ‖w − ŵ‖² = (w − w*)ᵀ(X̃ᵀX̃ + λI)(w − w*) + const``, so any solver of
+    the standard problem (target ``w*``, gram ``X̃ᵀX̃``, same ``λ``) solves the dense-target problem
+    exactly. ``gram.cross`` holds ``X̃ᵀX``.
+    """
+    assert gram.cross is not None
+    H, lam = gram.damped(dampening_frac)
+    W = W_hat.to(H.dtype)
+    rhs = W @ gram.cross.T.to(H.dtype) + lam * W  # (out, in)
+    with lapack_threads(H.device):
+        factor = torch.linalg.cholesky(H)
+        W_star = torch.cholesky_solve(rhs.T, factor).T
+    return W_star.to(W_hat.dtype)
 
 
 @dataclass
@@ -107,6 +129,9 @@ def prune_layer(
         gram = Gram.from_matrix(gram.to(device))
     W_hat = weight.detach().to(torch.float32)
     start = time.perf_counter()
+    if gram.cross is not None and method not in NATIVE_DENSE_TARGET:
+        W_hat = dense_target_weight(W_hat, gram, float(options.get("dampening_frac", 0.01)))
+        gram = gram.without_cross()
     W, mask, info = fn(W_hat, gram, spec, **options)
     W = W * mask  # exact zeros off the support, whatever the solver did
     info = {"method": method, **info, "seconds": time.perf_counter() - start}
