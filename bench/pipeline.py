@@ -22,14 +22,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+# every option spelled out, so a variant means the same whatever the library's defaults are
+_PAPER = {"sequential": "block", "dense_target": False, "allocation": "uniform"}
 VARIANTS = {
-    "faithful": {},
-    "sublayer": {"sequential": "sublayer"},
-    "dense+sublayer": {"dense_target": True, "sequential": "sublayer"},  # dense_target implies sublayer
-    "owl": {"allocation": "owl"},
-    "curve": {"allocation": "curve"},
-    "dense+sublayer+owl": {"dense_target": True, "sequential": "sublayer", "allocation": "owl"},
-    "dense+sublayer+curve": {"dense_target": True, "sequential": "sublayer", "allocation": "curve"},
+    "faithful": {"faithful": True},
+    "sublayer": {**_PAPER, "sequential": "sublayer"},
+    "dense+sublayer": {**_PAPER, "sequential": "sublayer", "dense_target": True},
+    "owl": {**_PAPER, "allocation": "owl"},
+    "curve": {**_PAPER, "allocation": "curve"},
+    "dense+sublayer+owl": {"sequential": "sublayer", "dense_target": True, "allocation": "owl"},
+    "dense+sublayer+curve": {"sequential": "sublayer", "dense_target": True, "allocation": "curve"},
+    "default": {},  # whatever prune_model does without pipeline options
 }
 
 
@@ -61,15 +64,8 @@ def run_single(args) -> dict:
     import alpsprune
 
     model, tok, calib = load(args)
-    options = dict(VARIANTS[args.variant])
-    allocation_mode = options.pop("allocation", None)
+    options = VARIANTS[args.variant]
     t0 = time.perf_counter()
-    if allocation_mode:
-        from alpsprune.allocation import allocate
-
-        options["allocation"] = allocate(
-            allocation_mode, model, calib, float(args.pattern), method=args.method, progress=False
-        )
     report = alpsprune.prune_model(
         model, calib, method=args.method, progress=False, **pattern_kwargs(args.pattern), **options
     )
@@ -85,8 +81,8 @@ def run_single(args) -> dict:
         "targeted_sparsity": report.summary["targeted_sparsity"],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(),
-        "allocation": options.get("allocation")
-        and {k: round(v, 4) for k, v in options["allocation"].items()},
+        "pipeline": {k: report.settings[k] for k in ("sequential", "dense_target", "allocation")},
+        "layer_sparsity": {r.name: float(r.pattern) for r in report.layers if ":" not in r.pattern},
     }
 
 

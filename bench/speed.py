@@ -17,7 +17,8 @@ In one run, for the same inputs:
 4. "plain" ALPS (``precision="float64", w_update="eig"``) vs the optimised defaults: time ratio
    and relative objective difference (target ≤ 0.5 %);
 5. with ``--model-level``: wall time of ``alpsprune.prune_model`` on the bundled model for each
-   method (default CLI settings: 32×512 wiki-excerpt windows, sparsity 0.6), model reloaded each time.
+   method (default CLI settings: 32×512 wiki-excerpt windows, sparsity 0.6), model reloaded each time,
+   with the library's default pipeline recipe and with ``faithful=True`` (the paper's pipeline).
 
 Usage::
 
@@ -227,35 +228,45 @@ def _print_layer(row: dict) -> None:
     print(f"  {row['layer']} {tuple(row['shape'])}: " + "  ".join(parts) + extra, flush=True)
 
 
+PIPELINES = {"default": {}, "faithful": {"faithful": True}}
+
+
 def model_level(methods: list[str], pattern: str, nsamples: int, seqlen: int, seed: int) -> list[dict]:
-    """Wall time of ``prune_model`` on the bundled model per method (model reloaded; load time excluded)."""
+    """Wall time of ``prune_model`` on the bundled model per method and pipeline (the library's default
+    recipe, i.e. the CLI's, and the paper's faithful pipeline); model reloaded, load time excluded."""
     from alpsprune.data import get_calibration
     from alpsprune.io import load_model
 
     _, tokenizer = load_model(None)
     calib = get_calibration("wiki-excerpt", tokenizer, nsamples, seqlen, seed=seed)
     rows = []
-    for method in methods:
-        model, _ = load_model(None)
-        t0 = time.perf_counter()
-        report = alpsprune.prune_model(model, calib, method=method, **pattern_kwargs(pattern), progress=False)
-        wall = time.perf_counter() - t0
-        calib_s = sum(b.get("calibration_seconds", 0.0) for b in report.blocks)
-        solve_s = sum(r.seconds for r in report.layers)
-        rows.append(
-            {
-                "method": method,
-                "wall_seconds": wall,
-                "report_seconds": report.seconds,
-                "calibration_seconds": calib_s,
-                "solver_seconds": solve_s,
-                "model_sparsity": report.model_sparsity,
-            }
-        )
-        print(
-            f"  model-level {method}: {wall:.1f} s (solvers {solve_s:.1f} s, calibration passes {calib_s:.1f} s)"
-        )
-        del model
+    for pipeline, options in PIPELINES.items():
+        for method in methods:
+            model, _ = load_model(None)
+            t0 = time.perf_counter()
+            report = alpsprune.prune_model(
+                model, calib, method=method, **pattern_kwargs(pattern), progress=False, **options
+            )
+            wall = time.perf_counter() - t0
+            calib_s = sum(b.get("calibration_seconds", 0.0) for b in report.blocks)
+            solve_s = sum(r.seconds for r in report.layers)
+            rows.append(
+                {
+                    "method": method,
+                    "pipeline": pipeline,
+                    "settings": {k: report.settings[k] for k in ("sequential", "dense_target", "allocation")},
+                    "wall_seconds": wall,
+                    "report_seconds": report.seconds,
+                    "calibration_seconds": calib_s,
+                    "solver_seconds": solve_s,
+                    "model_sparsity": report.model_sparsity,
+                }
+            )
+            print(
+                f"  model-level {method} ({pipeline}): {wall:.1f} s (solvers {solve_s:.1f} s, "
+                f"calibration passes {calib_s:.1f} s)"
+            )
+            del model
     return rows
 
 
@@ -362,12 +373,14 @@ def aggregate(layers: list[dict], model_rows: list[dict]) -> dict:
                 r["plain"]["seconds"] for r in sel if "seconds" in r["plain"]
             ) / sum(r["methods"]["alps"]["seconds"] for r in sel if "seconds" in r.get("plain", {}))
         out["groups"][group] = g
-    if model_rows:
-        by = {r["method"]: r for r in model_rows}
+    for pipeline in dict.fromkeys(r["pipeline"] for r in model_rows):
+        by = {r["method"]: r for r in model_rows if r["pipeline"] == pipeline}
         if "alps" in by and "sparsegpt" in by:
-            out["model_alps_over_sparsegpt"] = by["alps"]["wall_seconds"] / by["sparsegpt"]["wall_seconds"]
+            out[f"model_alps_over_sparsegpt_{pipeline}"] = (
+                by["alps"]["wall_seconds"] / by["sparsegpt"]["wall_seconds"]
+            )
         if "alps" in by:
-            out["model_alps_seconds"] = by["alps"]["wall_seconds"]
+            out[f"model_alps_seconds_{pipeline}"] = by["alps"]["wall_seconds"]
     real = out["groups"].get("real", {})
     checks = {}
     if "time_over_floor_max" in real:
@@ -383,12 +396,13 @@ def aggregate(layers: list[dict], model_rows: list[dict]) -> dict:
         checks["all: |objective diff| plain vs optimised ≤ 0.5%"] = (
             max(all_diffs) <= TARGETS["objective_diff"]
         )
-    if "model_alps_over_sparsegpt" in out:
-        checks["model: ALPS/SparseGPT wall ≤ 1.5"] = (
-            out["model_alps_over_sparsegpt"] <= TARGETS["model_ratio"]
-        )
-    if "model_alps_seconds" in out:
-        checks["model: ALPS wall < 180 s"] = out["model_alps_seconds"] < 180
+    for pipeline in PIPELINES:
+        if f"model_alps_over_sparsegpt_{pipeline}" in out:
+            checks[f"model ({pipeline}): ALPS/SparseGPT wall ≤ 1.5"] = (
+                out[f"model_alps_over_sparsegpt_{pipeline}"] <= TARGETS["model_ratio"]
+            )
+        if f"model_alps_seconds_{pipeline}" in out:
+            checks[f"model ({pipeline}): ALPS wall < 180 s"] = out[f"model_alps_seconds_{pipeline}"] < 180
     out["targets"] = checks
     return out
 
@@ -544,10 +558,11 @@ def main(argv: list[str] | None = None) -> None:
         print("\nModel level (prune_model wall time, model load excluded)")
         print(
             format_table(
-                ["method", "wall s", "solvers s", "calib passes s"],
+                ["method", "pipeline", "wall s", "solvers s", "calib passes s"],
                 [
                     [
                         r["method"],
+                        r["pipeline"],
                         fmt_num(r["wall_seconds"], 1),
                         fmt_num(r["solver_seconds"], 1),
                         fmt_num(r["calibration_seconds"], 1),

@@ -7,13 +7,14 @@ import torch.distributed as dist
 
 # (name, prune_model keyword arguments, number of calibration windows): 5 windows do not split evenly over 2
 CONFIGS = [
-    ("alps-unstructured", {"method": "alps", "sparsity": 0.6, "batch_size": 1}, 5),
+    # the default recipe: dense target, sub-layer statistics, OWL allocation
+    ("alps-unstructured-default", {"method": "alps", "sparsity": 0.6, "batch_size": 1}, 5),
     (
         "sparsegpt-2of4-dense-target",
         {"method": "sparsegpt", "mask_structure": "2:4", "batch_size": 2, "dense_target": True},
         5,
     ),
-    ("alps-2of4-sublayer", {"method": "alps", "mask_structure": "2:4", "sequential": "sublayer"}, 4),
+    ("alps-2of4-faithful", {"method": "alps", "mask_structure": "2:4", "faithful": True}, 4),
 ]
 
 

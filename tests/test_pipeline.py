@@ -25,22 +25,35 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids, use_cache=False).logits
 
 
+def assert_kept_counts(model, report, spec: SparsitySpec) -> None:
+    """Every layer holds its recorded pattern; unstructured totals equal the uniform budget exactly."""
+    targets = list_target_layers(model)
+    assert sorted(r.name for r in report.layers) == sorted(targets)
+    kept, budget = 0, 0
+    for r in report.layers:
+        W = get_weight(targets[r.name])
+        layer_spec = SparsitySpec.parse(*((None, r.pattern) if ":" in r.pattern else (float(r.pattern),)))
+        if spec.is_nm:
+            assert r.pattern == spec.label and pattern_ok(W != 0, spec)
+        else:
+            assert int((W != 0).sum()) <= layer_spec.n_kept(*W.shape)
+            kept += layer_spec.n_kept(*W.shape)
+            budget += spec.n_kept(*W.shape)
+    assert kept == budget
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("pattern", [{"sparsity": 0.6}, {"mask_structure": "2:4"}], ids=["0.6", "2:4"])
 def test_every_architecture(arch, pattern):
     model = make_tiny_model(arch)
     targets = list_target_layers(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # the default recipe for sparsegpt: dense target, sub-layer statistics, OWL allocation (unstructured)
     report = alpsprune.prune_model(model, calibration(model), method="sparsegpt", progress=False, **pattern)
     spec = SparsitySpec.parse(**pattern)
-    assert sorted(r.name for r in report.layers) == sorted(targets)
-    for module in targets.values():
-        W = get_weight(module)
-        assert pattern_ok(W != 0, spec) if spec.is_nm else int((W != 0).sum()) <= spec.n_kept(*W.shape)
-    record_sparsity = {r.name: r.sparsity for r in report.layers}
-    if not spec.is_nm:  # exact count: mask size; zeros can only exceed it through exact-zero refits
-        for r in report.layers:
-            assert record_sparsity[r.name] >= spec.sparsity - 1 / (r.shape[0] * r.shape[1])
+    assert report.settings["dense_target"] and report.settings["sequential"] == "sublayer"
+    assert report.settings["allocation"] == ("uniform" if spec.is_nm else "owl")
+    assert_kept_counts(model, report, spec)
     target_params = {f"{n}.weight" for n in targets}
     for name, param in model.named_parameters():
         if name not in target_params:
@@ -60,14 +73,18 @@ def test_low_sparsity_keeps_logits_close(arch):
     assert rel < 0.1, rel
 
 
-def test_exact_kept_count_with_alps():
+@pytest.mark.parametrize("faithful", [True, False], ids=["faithful", "default"])
+def test_exact_kept_count_with_alps(faithful):
     model = make_tiny_model("llama")
-    report = alpsprune.prune_model(model, calibration(model), method="alps", sparsity=0.7, progress=False)
+    report = alpsprune.prune_model(
+        model, calibration(model), method="alps", sparsity=0.7, faithful=faithful, progress=False
+    )
     for r in report.layers:
         assert r.info["iterations"] >= 1
-    for module in list_target_layers(model).values():
-        W = get_weight(module)
-        assert int((W != 0).sum()) <= round(0.3 * W.numel())
+    assert_kept_counts(model, report, SparsitySpec.parse(0.7))
+    if faithful:
+        assert {r.pattern for r in report.layers} == {"0.7"}
+        assert report.settings["sequential"] == "block" and not report.settings["dense_target"]
 
 
 def test_gram_sharing_one_eig_per_distinct_input():
@@ -83,7 +100,9 @@ def test_gram_sharing_one_eig_per_distinct_input():
     before = Gram.eig_count
     Gram.__init__ = counting_init
     try:
-        report = alpsprune.prune_model(model, calibration(model), method="alps", sparsity=0.5, progress=False)
+        report = alpsprune.prune_model(
+            model, calibration(model), method="alps", sparsity=0.5, faithful=True, progress=False
+        )
     finally:
         Gram.__init__ = original_init
     # Llama block: q/k/v share one input, o alone, gate/up share one, down alone -> 4 grams, 7 layers
@@ -95,9 +114,16 @@ def test_gram_sharing_one_eig_per_distinct_input():
 def test_sublayer_mode_runs_and_differs():
     model_a, model_b = make_tiny_model("llama"), make_tiny_model("llama")
     calib = calibration(model_a, 6, 32)
-    a = alpsprune.prune_model(model_a, calib, method="alps", sparsity=0.6, progress=False)
+    a = alpsprune.prune_model(model_a, calib, method="alps", sparsity=0.6, faithful=True, progress=False)
     b = alpsprune.prune_model(
-        model_b, calib, method="alps", sparsity=0.6, sequential="sublayer", progress=False
+        model_b,
+        calib,
+        method="alps",
+        sparsity=0.6,
+        sequential="sublayer",
+        dense_target=False,
+        allocation="uniform",
+        progress=False,
     )
     assert [r.name for r in a.layers] == [r.name for r in b.layers]
     # the first group of block 0 sees identical inputs in both modes; later groups see pruned inputs
@@ -172,3 +198,23 @@ def test_offloaded_activations_match():
     )
     ids = calibration(model_a, 2, 16, seed=5)
     assert torch.allclose(logits(model_a, ids), logits(model_b, ids), atol=1e-4)
+
+
+def test_recipe_defaults_and_contradictions():
+    from alpsprune.errors import AlpsPruneError
+    from alpsprune.pipeline import resolve_recipe
+
+    unstructured, nm = SparsitySpec.parse(0.7), SparsitySpec.parse(None, "2:4")
+    assert resolve_recipe("alps", unstructured) == ("sublayer", True, "owl")
+    assert resolve_recipe("alps", nm) == ("sublayer", True, "uniform")
+    assert resolve_recipe("alps", unstructured, faithful=True) == ("block", False, "uniform")
+    assert resolve_recipe("wanda", unstructured) == ("block", False, "uniform")  # as published
+    assert resolve_recipe("alps", unstructured, dense_target=False) == ("sublayer", False, "owl")
+    with pytest.raises(AlpsPruneError, match="faithful=True .* dense_target=True"):
+        resolve_recipe("alps", unstructured, faithful=True, dense_target=True)
+    with pytest.raises(AlpsPruneError, match="needs sequential='sublayer'"):
+        resolve_recipe("alps", unstructured, sequential="block", dense_target=True)
+    with pytest.raises(AlpsPruneError, match="unstructured sparsity"):
+        resolve_recipe("alps", nm, allocation="owl")
+    with pytest.raises(AlpsPruneError, match="allocation must be one of"):
+        resolve_recipe("alps", unstructured, allocation="greedy")

@@ -74,15 +74,29 @@ def add_pruning_args(p: argparse.ArgumentParser, single: bool = True) -> None:
         "--ignore", action="append", metavar="REGEX", help="skip linears whose full name matches (repeatable)"
     )
     g.add_argument(
+        "--faithful",
+        action="store_true",
+        help="the paper's pipeline exactly: --sequential block, no dense target, uniform sparsity",
+    )
+    g.add_argument(
         "--sequential",
         choices=("block", "sublayer"),
-        default="block",
-        help="block: grams of a block from the dense block (paper); sublayer: re-collect after earlier layers are pruned",
+        default=None,
+        help="block: grams of a block from the dense block (paper); sublayer: re-collect after earlier "
+        "layers are pruned (default: sublayer for alps/sparsegpt, whose default uses a dense target)",
     )
     g.add_argument(
         "--dense-target",
-        action="store_true",
-        help="fit layers to the dense model's outputs (error correction)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fit layers to the dense model's outputs (error correction; default on for alps/sparsegpt)",
+    )
+    g.add_argument(
+        "--allocation",
+        choices=("uniform", "owl", "curve"),
+        default=None,
+        help="per-layer sparsity at the same overall sparsity: uniform, OWL outlier ratio, or measured "
+        "error curves (default: owl for alps/sparsegpt at unstructured sparsity, else uniform)",
     )
     g.add_argument(
         "--dampening-frac", type=float, default=None, help="λ = frac · mean(diag G) (solver default 0.01)"

@@ -100,6 +100,18 @@ def run(args) -> int:
             f"unknown method(s) {bad or '(none)'} in --methods; choose from {', '.join(METHODS)}"
         )
     specs = parse_patterns(args.sparsities)
+    from ..pipeline import resolve_recipe
+
+    for spec in specs:  # contradictions in the pipeline options fail before anything loads
+        for method in methods:
+            resolve_recipe(
+                method,
+                spec,
+                faithful=args.faithful,
+                sequential=args.sequential,
+                dense_target=args.dense_target,
+                allocation=args.allocation,
+            )
     nsamples, seqlen = calib_shape(args)
     solver_opts = parse_solver_opts(args)
     check_device(args.device)
@@ -163,8 +175,10 @@ def run(args) -> int:
                 targets=args.targets,
                 ignore=args.ignore,
                 device=args.device,
+                faithful=args.faithful,
                 sequential=args.sequential,
                 dense_target=args.dense_target,
+                allocation=args.allocation,
                 offload_activations=args.offload_activations,
                 batch_size=args.batch_size,
                 progress=not args.quiet,
@@ -182,6 +196,7 @@ def run(args) -> int:
                     "prune_seconds": seconds,
                     "mean_error": report.summary["mean_error"],
                     "targeted_sparsity": report.summary["targeted_sparsity"],
+                    "pipeline": {k: report.settings[k] for k in ("sequential", "dense_target", "allocation")},
                 }
             )
             log.info("%s %s: ppl %.3f, %.1f s", method, spec.label, rows[-1]["ppl"], seconds)

@@ -64,12 +64,6 @@ def add_parser(sub) -> None:
     )
     add_model_arg(p)
     add_pruning_args(p)
-    p.add_argument(
-        "--allocation",
-        choices=("uniform", "owl", "curve"),
-        default="uniform",
-        help="per-layer sparsity at the same overall sparsity: uniform, OWL outlier ratio, or measured error curves",
-    )
     add_runtime_args(p)
     add_eval_args(p)
     o = p.add_argument_group("output")
@@ -107,6 +101,16 @@ def run(args) -> int:
     nsamples, seqlen = calib_shape(args)
     solver_opts = parse_solver_opts(args)
     check_solver_opts(args.method, solver_opts)
+    from ..pipeline import resolve_recipe
+
+    resolve_recipe(  # contradictions (--faithful with --dense-target, owl with N:M) fail here, not later
+        args.method,
+        spec,
+        faithful=args.faithful,
+        sequential=args.sequential,
+        dense_target=args.dense_target,
+        allocation=args.allocation,
+    )
     check_regexes(args.targets, args.ignore)
     device = default_device(parallel) if args.device == "auto" else args.device
     check_device(device)
@@ -162,7 +166,6 @@ def run(args) -> int:
 
     log.info("loading %s", args.model or "bundled SmolLM2-135M-Instruct")
     model, tokenizer = load_model(args.model, dtype=args.dtype)
-    allocation_opts = {}
     n_layers, n_blocks = plan(model)
     log.info(
         "targets: %d linear layers in %d blocks (targets=%s, ignore=%s)",
@@ -189,25 +192,6 @@ def run(args) -> int:
             dense_file.write_text(json.dumps(dense_ppl))
 
     # ---- prune ------------------------------------------------------------------------------------
-    if args.allocation != "uniform":
-        if spec.is_nm:
-            raise UsageError("--allocation owl/curve needs an unstructured --sparsity, not an N:M pattern")
-        from ..allocation import allocate
-
-        allocation_opts = {
-            "allocation": allocate(
-                args.allocation,
-                model,
-                calibration,
-                spec.sparsity,
-                method=args.method,
-                targets=args.targets,
-                ignore=args.ignore,
-                device=device,
-                progress=not args.quiet,
-                **solver_opts,
-            )
-        }
     report = prune_model(
         model,
         calibration,
@@ -216,15 +200,16 @@ def run(args) -> int:
         targets=args.targets,
         ignore=args.ignore,
         device=device,
+        faithful=args.faithful,
         sequential=args.sequential,
         dense_target=args.dense_target,
+        allocation=args.allocation,
         offload_activations=args.offload_activations,
         batch_size=args.batch_size,
         progress=not args.quiet,
         checkpoint_dir=ckpt_dir,
         resume=args.resume,
         parallel=parallel,
-        **allocation_opts,
         **solver_opts,
     )
     report.settings.update(
@@ -233,7 +218,6 @@ def run(args) -> int:
             "calib": args.calib,
             "calib_split": args.calib_split,
             "seed": args.seed,
-            "allocation_mode": args.allocation,
         }
     )
     if not parallel.is_main:
@@ -342,7 +326,7 @@ def write_outputs(model, tokenizer, report, out: Path, args, ckpt_dir: Path) -> 
     with tempfile.TemporaryDirectory() as tmp:
         png = plot_layers(report, Path(tmp) / "layers.png")
         extra = {"report.md": report_markdown(report), "layers.png": png}
-        if report.settings.get("allocation"):  # non-uniform per-layer sparsity: show the choice
+        if report.settings.get("allocation") != "uniform":  # per-layer sparsity: show the choice
             extra["allocation.png"] = plot_allocation(report, Path(tmp) / "allocation.png")
         in_output = ckpt_dir.resolve().parent == out.resolve()
         save_pruned(
@@ -358,6 +342,12 @@ def write_outputs(model, tokenizer, report, out: Path, args, ckpt_dir: Path) -> 
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the checkpoint is no longer needed
 
 
+def _is_faithful(settings: dict) -> bool:
+    from ..pipeline import FAITHFUL
+
+    return all(settings.get(key) == value for key, value in FAITHFUL.items())
+
+
 def summary(report, out: Path) -> str:
     s = report.settings
     sm = report.summary
@@ -365,6 +355,8 @@ def summary(report, out: Path) -> str:
     lines = [
         f"alpsprune: {s['method']} at {pattern} on {s.get('model')}: {sm['layers']} layers, targeted sparsity "
         f"{sm['targeted_sparsity']:.4f} (whole model {sm['model_sparsity']:.4f}), pruned in {sm['seconds']:.1f} s",
+        f"  pipeline: sequential={s['sequential']}, dense_target={s['dense_target']}, "
+        f"allocation={s['allocation']}" + (" (the paper's, --faithful)" if _is_faithful(s) else ""),
     ]
     ppl = report.extra.get("perplexity", {})
     for name, p in ppl.get("pruned", {}).items():
@@ -373,5 +365,7 @@ def summary(report, out: Path) -> str:
         lines.append(
             f"  perplexity {name} ({p['windows']}×{p['seqlen']} tokens): {dense}pruned {p['ppl']:.3f}"
         )
-    lines.append(f"  wrote {out}/ (model.safetensors, report.json, report.md, layers.png)")
+    outputs = ("model.safetensors", "report.json", "report.md", "layers.png", "allocation.png")
+    shown = [f for f in outputs if (out / f).exists()]
+    lines.append(f"  wrote {out}/ ({', '.join(shown)})")
     return "\n".join(lines)
