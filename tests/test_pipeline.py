@@ -48,11 +48,15 @@ def test_every_architecture(arch, pattern):
     model = make_tiny_model(arch)
     targets = list_target_layers(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    # the default recipe for sparsegpt: dense target, sub-layer statistics, OWL allocation (unstructured)
-    report = alpsprune.prune_model(model, calibration(model), method="sparsegpt", progress=False, **pattern)
+    # sparsegpt's default recipe: dense target with sub-layer statistics, plus OWL allocation (forced
+    # here; alps's default) at unstructured sparsity
     spec = SparsitySpec.parse(**pattern)
+    allocation = "uniform" if spec.is_nm else "owl"
+    report = alpsprune.prune_model(
+        model, calibration(model), method="sparsegpt", allocation=allocation, progress=False, **pattern
+    )
     assert report.settings["dense_target"] and report.settings["sequential"] == "sublayer"
-    assert report.settings["allocation"] == ("uniform" if spec.is_nm else "owl")
+    assert report.settings["allocation"] == allocation
     assert_kept_counts(model, report, spec)
     target_params = {f"{n}.weight" for n in targets}
     for name, param in model.named_parameters():
@@ -67,7 +71,10 @@ def test_low_sparsity_keeps_logits_close(arch):
     model = make_tiny_model(arch)
     ids = calibration(model, 2, 16, seed=3)
     dense = logits(model, ids)
-    alpsprune.prune_model(model, calibration(model, 8, 32), method="alps", sparsity=0.1, progress=False)
+    # the paper's pipeline: uniform 10% everywhere (the default OWL recipe allows up to 30% per layer)
+    alpsprune.prune_model(
+        model, calibration(model, 8, 32), method="alps", sparsity=0.1, faithful=True, progress=False
+    )
     pruned = logits(model, ids)
     rel = (pruned - dense).norm() / dense.norm()
     assert rel < 0.1, rel
@@ -206,7 +213,9 @@ def test_recipe_defaults_and_contradictions():
 
     unstructured, nm = SparsitySpec.parse(0.7), SparsitySpec.parse(None, "2:4")
     assert resolve_recipe("alps", unstructured) == ("sublayer", True, "owl")
-    assert resolve_recipe("alps", nm) == ("sublayer", True, "uniform")
+    assert resolve_recipe("sparsegpt", unstructured) == ("sublayer", True, "uniform")
+    assert resolve_recipe("alps", nm) == ("block", False, "uniform")  # the dense target lost at 2:4
+    assert resolve_recipe("sparsegpt", nm) == ("sublayer", True, "uniform")
     assert resolve_recipe("alps", unstructured, faithful=True) == ("block", False, "uniform")
     assert resolve_recipe("wanda", unstructured) == ("block", False, "uniform")  # as published
     assert resolve_recipe("alps", unstructured, dense_target=False) == ("sublayer", False, "owl")

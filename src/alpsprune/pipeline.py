@@ -43,12 +43,15 @@ ALLOCATION_MODES = ("uniform", "owl", "curve")
 # The paper's algorithm: grams of a whole block from one pass, layers fit to their own pruned-model
 # outputs, the same sparsity everywhere.
 FAITHFUL = {"sequential": "block", "dense_target": False, "allocation": "uniform"}
-# Defaults where they beat the paper's pipeline on held-out perplexity (issue 9; bench/results/beyond.md):
-# error correction (dense-output targets, which need sub-layer statistics) for the methods that fit
-# weights, plus OWL allocation at unstructured sparsity. Wanda, DSnoT and magnitude stay as published.
+# Defaults where they beat the paper's pipeline on held-out perplexity (issue 9; bench/results/beyond.md,
+# bundled SmolLM2): error correction (dense-output targets, which need sub-layer statistics) for both
+# weight-fitting solvers; OWL allocation on top helped ALPS (60/70/80%: −1.3/−22/−49% with both) but
+# hurt SparseGPT; at 2:4 the dense target helped SparseGPT (−5%) and not ALPS (+4.5%). Methods not
+# listed (Wanda, DSnoT, magnitude) run as published.
+_CORRECTED = {"sequential": "sublayer", "dense_target": True, "allocation": "uniform"}
 RECOMMENDED = {
-    "alps": {"sequential": "sublayer", "dense_target": True, "allocation": "owl"},
-    "sparsegpt": {"sequential": "sublayer", "dense_target": True, "allocation": "owl"},
+    "alps": {"unstructured": {**_CORRECTED, "allocation": "owl"}, "nm": FAITHFUL},
+    "sparsegpt": {"unstructured": _CORRECTED, "nm": _CORRECTED},
 }
 
 
@@ -64,8 +67,9 @@ def resolve_recipe(
     """Fill the options left at ``None`` from the method's recipe; refuse contradictions.
 
     ``faithful=True`` is the paper's algorithm exactly (:data:`FAITHFUL`); otherwise the defaults come
-    from :data:`RECOMMENDED` (methods not listed there default to :data:`FAITHFUL`). Allocation is only
-    ever non-uniform for an unstructured sparsity.
+    from :data:`RECOMMENDED` for the method and the kind of pattern (unstructured or N:M); methods not
+    listed there default to :data:`FAITHFUL`. Allocation can only be non-uniform for an unstructured
+    sparsity.
     """
     if faithful:
         clashes = [
@@ -82,7 +86,8 @@ def resolve_recipe(
                 f"faithful=True reproduces the paper's algorithm and cannot be combined with {', '.join(clashes)}; "
                 "drop one of them"
             )
-    recipe = FAITHFUL if faithful else RECOMMENDED.get(method, FAITHFUL)
+    kind = "nm" if spec.is_nm else "unstructured"
+    recipe = FAITHFUL if faithful else RECOMMENDED.get(method, {}).get(kind, FAITHFUL)
     dense_target = recipe["dense_target"] if dense_target is None else bool(dense_target)
     if sequential is None:
         sequential = "sublayer" if dense_target else recipe["sequential"]
@@ -96,7 +101,7 @@ def resolve_recipe(
             "dense_target=True needs sequential='sublayer' (a layer can only correct the error it will see)"
         )
     if allocation is None:
-        allocation = "uniform" if spec.is_nm else recipe["allocation"]
+        allocation = recipe["allocation"]
     if isinstance(allocation, str):
         if allocation not in ALLOCATION_MODES:
             raise AlpsPruneError(
@@ -317,7 +322,8 @@ def prune_model(
     :param device: compute device (default: CUDA if available, else CPU).
     :param faithful: the paper's pipeline exactly: ``sequential="block"``, no dense target, uniform
         sparsity. Otherwise options left at ``None`` come from the method's recommended recipe
-        (:data:`RECOMMENDED`: for ALPS and SparseGPT, dense target + OWL; see :func:`resolve_recipe`).
+        (:data:`RECOMMENDED`: ALPS at unstructured sparsity dense target + OWL, SparseGPT dense
+        target; see :func:`resolve_recipe`).
     :param sequential: ``"block"`` — all grams of a block from one pass over the dense block (the
         authors' choice); ``"sublayer"`` — re-collect the grams of later linears after the earlier
         ones in the block are pruned.

@@ -83,20 +83,21 @@ def add_pruning_args(p: argparse.ArgumentParser, single: bool = True) -> None:
         choices=("block", "sublayer"),
         default=None,
         help="block: grams of a block from the dense block (paper); sublayer: re-collect after earlier "
-        "layers are pruned (default: sublayer for alps/sparsegpt, whose default uses a dense target)",
+        "layers are pruned (default: sublayer whenever the dense target is on)",
     )
     g.add_argument(
         "--dense-target",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="fit layers to the dense model's outputs (error correction; default on for alps/sparsegpt)",
+        help="fit layers to the dense model's outputs (error correction; default on for alps and "
+        "sparsegpt, except alps at N:M)",
     )
     g.add_argument(
         "--allocation",
         choices=("uniform", "owl", "curve"),
         default=None,
         help="per-layer sparsity at the same overall sparsity: uniform, OWL outlier ratio, or measured "
-        "error curves (default: owl for alps/sparsegpt at unstructured sparsity, else uniform)",
+        "error curves (default: owl for alps at unstructured sparsity, else uniform)",
     )
     g.add_argument(
         "--dampening-frac", type=float, default=None, help="λ = frac · mean(diag G) (solver default 0.01)"
