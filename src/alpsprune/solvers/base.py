@@ -45,11 +45,16 @@ def dense_target_weight(W_hat: torch.Tensor, gram: Gram, dampening_frac: float) 
     exactly. ``gram.cross`` holds ``X̃ᵀX``.
     """
     assert gram.cross is not None
-    H, lam = gram.damped(dampening_frac)
-    W = W_hat.to(H.dtype)
-    rhs = W @ gram.cross.T.to(H.dtype) + lam * W  # (out, in)
-    with lapack_threads(H.device):
-        factor = torch.linalg.cholesky(H)
+
+    def factorise() -> tuple[torch.Tensor, float]:  # once per gram: q/k/v share it
+        H, lam = gram.damped(dampening_frac)
+        with lapack_threads(H.device):
+            return torch.linalg.cholesky(H), lam
+
+    factor, lam = gram.cache(("dense_target_cholesky", dampening_frac), factorise)
+    W = W_hat.to(factor.dtype)
+    rhs = W @ gram.cross.T.to(factor.dtype) + lam * W  # (out, in)
+    with lapack_threads(factor.device):
         W_star = torch.cholesky_solve(rhs.T, factor).T
     return W_star.to(W_hat.dtype)
 
