@@ -168,6 +168,27 @@ CASES = [
         True,
     ),
     ("seqlen-tiny", ["{tiny}", "--seqlen", "2"], UsageError, ["--seqlen must be at least 8"], True),
+    (
+        "faithful-with-dense-target",
+        ["{tiny}", "--faithful", "--dense-target"],
+        errors.AlpsPruneError,
+        ["faithful=True", "dense_target=True"],
+        True,
+    ),
+    (
+        "block-with-dense-default",
+        ["{tiny}", "--sequential", "block"],
+        errors.AlpsPruneError,
+        ["needs sequential='sublayer'", "--no-dense-target"],
+        True,
+    ),
+    (
+        "owl-with-nm",
+        ["{tiny}", "--mask-structure", "2:4", "--allocation", "owl"],
+        errors.AlpsPruneError,
+        ["unstructured sparsity", "2:4"],
+        True,
+    ),
 ]
 
 

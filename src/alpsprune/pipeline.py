@@ -98,7 +98,8 @@ def resolve_recipe(
         # inputs come from the *unpruned* q/k/v, so the dense target corrects the wrong error (measured
         # on SmolLM2 at 70%: ppl 6160 vs 125 faithful). Dense targets therefore use sublayer statistics.
         raise AlpsPruneError(
-            "dense_target=True needs sequential='sublayer' (a layer can only correct the error it will see)"
+            "dense_target=True needs sequential='sublayer' (a layer can only correct the error it will "
+            "see); for block statistics also set dense_target=False (--no-dense-target) or faithful=True"
         )
     if allocation is None:
         allocation = recipe["allocation"]
