@@ -32,10 +32,10 @@ def assert_kept_counts(model, report, spec: SparsitySpec) -> None:
     kept, budget = 0, 0
     for r in report.layers:
         W = get_weight(targets[r.name])
-        layer_spec = SparsitySpec.parse(*((None, r.pattern) if ":" in r.pattern else (float(r.pattern),)))
         if spec.is_nm:
             assert r.pattern == spec.label and pattern_ok(W != 0, spec)
         else:
+            layer_spec = SparsitySpec.parse(float(r.pattern))
             assert int((W != 0).sum()) <= layer_spec.n_kept(*W.shape)
             kept += layer_spec.n_kept(*W.shape)
             budget += spec.n_kept(*W.shape)

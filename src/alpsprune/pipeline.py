@@ -355,11 +355,17 @@ def prune_model(
         allocation=allocation,
     )
     allocation_mode = allocation if isinstance(allocation, str) else "custom"
-    if allocation_mode in ("owl", "curve"):
+    plan_options = dict(
+        method=method, sparsity=sparsity, mask_structure=mask_structure, targets=targets, ignore=ignore
+    )
+    custom = allocation if allocation_mode == "custom" else None
+    plan = plan_pruning(model, allocation=custom, **plan_options, **solver_opts)
+    device = resolve_device(device)
+    parallel = parallel or single_process()
+    _check_calibration(calibration, model)
+    if allocation_mode in ("owl", "curve"):  # validated above; now the (slow) allocation pass
         from .allocation import allocate  # local: allocation imports this module
 
-        plan_pruning(model, method=method, sparsity=sparsity, targets=targets, ignore=ignore, **solver_opts)
-        _check_calibration(calibration, model)
         allocation = allocate(
             allocation_mode,
             model,
@@ -369,29 +375,15 @@ def prune_model(
             targets=targets,
             ignore=ignore,
             device=device,
-            progress=progress and (parallel is None or parallel.is_main),
+            progress=progress and parallel.is_main,
             batch_size=batch_size,
             **solver_opts,
         )
-    elif allocation_mode == "uniform":
-        allocation = None
-    plan = plan_pruning(
-        model,
-        method=method,
-        sparsity=sparsity,
-        mask_structure=mask_structure,
-        targets=targets,
-        ignore=ignore,
-        allocation=allocation,
-        **solver_opts,
-    )
-    device = resolve_device(device)
-    parallel = parallel or single_process()
-    _check_calibration(calibration, model)
+        plan = plan_pruning(model, allocation=allocation, **plan_options, **solver_opts)
     store = torch.device("cpu") if offload_activations else device
     settings = {
         "method": method,
-        **SparsitySpec.parse(sparsity, mask_structure).to_dict(),
+        **spec.to_dict(),
         "targets": targets,
         "ignore": ignore,
         "sequential": sequential,

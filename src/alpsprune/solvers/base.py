@@ -135,7 +135,8 @@ def prune_layer(
     W_hat = weight.detach().to(torch.float32)
     start = time.perf_counter()
     if gram.cross is not None and method not in NATIVE_DENSE_TARGET:
-        W_hat = dense_target_weight(W_hat, gram, float(options.get("dampening_frac", 0.01)))
+        damp = options.get("dampening_frac", allowed.get("dampening_frac", 0.01))  # the solver's λ
+        W_hat = dense_target_weight(W_hat, gram, float(damp))
         gram = gram.without_cross()
     W, mask, info = fn(W_hat, gram, spec, **options)
     W = W * mask  # exact zeros off the support, whatever the solver did
