@@ -305,7 +305,8 @@ def _dense_block_pass(
     """Run the dense block on every batch; return per-layer statistics and the block outputs.
 
     ``full``: one :class:`Gram` per distinct input tensor (layers reading the same tensor — q/k/v,
-    gate/up — share the object, so factorisations are shared), else per layer ``Σ x_j²`` (float64).
+    gate/up — share the object, so factorisations are shared), else ``Σ x_j²`` (float64), likewise
+    computed once per distinct input tensor.
     """
     stats: dict[str, Gram | torch.Tensor] = {}
     owner: dict[str, str] = {}  # layer → the layer whose Gram it shares
@@ -314,28 +315,25 @@ def _dense_block_pass(
     outputs = []
 
     def record(name: str, x: torch.Tensor) -> None:
-        x2 = x.reshape(-1, x.shape[-1])
-        if not full:
-            sq = x2.to(torch.float64).pow(2).sum(0)
-            stats[name] = sq if name not in stats else stats[name] + sq
-            return
         key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)
         alive.append(x)
         if name not in owner:  # decided on the first batch
             owner[name] = seen.setdefault(key, name)
-            if owner[name] == name:
-                stats[name] = Gram(x.shape[-1], device=device)
-        if owner[name] == name:
-            stats[name].add_batch(x2)
+        if owner[name] != name:  # the statistics of this tensor are already being gathered
+            return
+        x2 = x.reshape(-1, x.shape[-1])
+        if full:
+            stats.setdefault(name, Gram(x.shape[-1], device=device)).add_batch(x2)
+        else:
+            sq = x2.to(torch.float64).pow(2).sum(0)
+            stats[name] = sq if name not in stats else stats[name] + sq
 
     with input_hooks(layers, record), torch.no_grad():
         for b, h in enumerate(hidden):
             seen.clear()
             alive.clear()
             outputs.append(run_block(block, h.to(device), kwargs_of(b)))
-    if full:
-        stats = {name: stats[owner[name]] for name in layers if name in owner}
-    return stats, outputs
+    return {name: stats[owner[name]] for name in layers if name in owner}, outputs
 
 
 def allocate(

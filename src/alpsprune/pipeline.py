@@ -29,6 +29,7 @@ from .models import (
     run_block,
     set_weight,
 )
+from .models.replay import BlockReplay
 from .parallel import Parallel, single_process
 from .report import LayerRecord, PruneReport
 from .solvers import prune_layer, solver_options
@@ -208,21 +209,26 @@ class _StopForward(Exception):
 
 
 def input_groups(
-    block: nn.Module, layers: dict[str, nn.Module], hidden: torch.Tensor, kwargs: dict
+    block: nn.Module,
+    layers: dict[str, nn.Module],
+    hidden: torch.Tensor,
+    kwargs: dict,
+    replay: BlockReplay | None = None,
 ) -> list[list[str]]:
     """Target linears grouped by the input tensor they read, in execution order.
 
     Found by running the block once and comparing input storage: linears that receive the very same
     tensor (q/k/v after the norm, gate/up) share one group. The recorded tensors are kept alive during
     the pass so their memory cannot be reused by another tensor. Linears the pass never reached (e.g.
-    unrouted experts) come last, alone.
+    unrouted experts) come last, alone. The same pass traces the block for ``replay``.
     """
     seen: list[tuple[tuple, str, torch.Tensor]] = []
 
     def record(name: str, x: torch.Tensor) -> None:
         seen.append(((x.data_ptr(), tuple(x.shape), x.stride(), x.dtype), name, x))
 
-    with input_hooks(layers, record), torch.no_grad():
+    tracing = replay.trace() if replay is not None else contextlib.nullcontext()
+    with input_hooks(layers, record), tracing, torch.no_grad():
         run_block(block, hidden, kwargs)
     groups: dict[tuple, list[str]] = {}
     for key, name, _ in seen:
@@ -242,12 +248,14 @@ def collect_grams(
     kwargs_of: Callable[[int], dict],
     device: torch.device,
     dense_inputs: list[dict[str, torch.Tensor]] | None = None,
+    replay: BlockReplay | None = None,
 ) -> dict[str, Gram]:
     """One Gram per group (keyed by the group's first layer) over all calibration batches.
 
     With ``dense_inputs`` (per batch, leader name → the dense model's input to that layer) the Grams
     also accumulate the cross term for the dense-output target. Each forward stops as soon as every
-    group has its input: the rest of the block is not needed for these statistics.
+    group has its input: the rest of the block is not needed for these statistics. ``replay`` (set
+    up by the caller) gets the batch index before each forward.
     """
     leaders = {g[0]: layers[g[0]] for g in groups}
     grams = {name: Gram(get_weight(m).shape[1], device=device) for name, m in leaders.items()}
@@ -264,6 +272,8 @@ def collect_grams(
     with input_hooks(leaders, accumulate), torch.no_grad():
         for batch_index, h in enumerate(hidden):
             pending.update(leaders)
+            if replay is not None:
+                replay.batch = batch_index
             with contextlib.suppress(_StopForward):
                 run_block(block, h.to(device), kwargs_of(batch_index))
     return grams
@@ -452,9 +462,14 @@ def prune_model(
     return report
 
 
-def _propagate(block, stream, kwargs_of, device, store) -> list[torch.Tensor]:
+def _propagate(block, stream, kwargs_of, device, store, replay=None) -> list[torch.Tensor]:
+    outputs = []
     with torch.no_grad():
-        return [run_block(block, h.to(device), kwargs_of(b)).to(store) for b, h in enumerate(stream)]
+        for b, h in enumerate(stream):
+            if replay is not None:
+                replay.batch = b
+            outputs.append(run_block(block, h.to(device), kwargs_of(b)).to(store))
+    return outputs
 
 
 def _prune_block(index, block, plan, hidden, dense_stream, inputs, device, store, sequential, parallel, bar):
@@ -467,8 +482,10 @@ def _prune_block(index, block, plan, hidden, dense_stream, inputs, device, store
         dense = _propagate(block, dense_stream, kwargs_of, device, store) if dense_stream else None
         return [], _propagate(block, hidden, kwargs_of, device, store), dense, 0.0
     t0 = time.perf_counter()
+    # later passes over the pruned stream skip the parts of the block that are already final
+    replay = BlockReplay(block, layers, device, store)
     with torch.no_grad():
-        groups = input_groups(block, layers, hidden[0].to(device), kwargs_of(0))
+        groups = input_groups(block, layers, hidden[0].to(device), kwargs_of(0), replay)
         dense_inputs = next_dense = None
         if dense_stream is not None:  # the dense block's layer inputs, before any pruning of this block
             leaders = {g[0]: layers[g[0]] for g in groups}
@@ -478,9 +495,11 @@ def _prune_block(index, block, plan, hidden, dense_stream, inputs, device, store
     calib_seconds = time.perf_counter() - t0
     stages = [groups] if sequential == "block" else [[g] for g in groups]
     records: list[LayerRecord] = []
+    pruned: set[str] = set()
     for stage in stages:
         t0 = time.perf_counter()
-        grams = collect_grams(block, layers, stage, hidden, kwargs_of, device, dense_inputs)
+        with replay.reusing(pruned, len(hidden)):
+            grams = collect_grams(block, layers, stage, hidden, kwargs_of, device, dense_inputs, replay)
         parallel.all_reduce_grams(grams)
         calib_seconds += time.perf_counter() - t0
         tasks = [(name, leader) for group in stage for leader in [group[0]] for name in group]
@@ -495,10 +514,13 @@ def _prune_block(index, block, plan, hidden, dense_stream, inputs, device, store
             weight, record = results[name]
             set_weight(layers[name], weight)
             records.append(record)
+            pruned.add(name)
         for gram in grams.values():
             gram.free()
     t0 = time.perf_counter()
-    outputs = _propagate(block, hidden, kwargs_of, device, store)
+    with replay.reusing(pruned, len(hidden), record=False):
+        outputs = _propagate(block, hidden, kwargs_of, device, store, replay)
+    replay.clear()
     for out in outputs:
         if not bool(torch.isfinite(out).all()):
             raise SolverError(
