@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from alpsprune.solvers.alps import symmetric_product_flops
 from alpsprune.stats import Gram
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -130,12 +131,17 @@ def alps_flops(
     - ``eig``: ``EIGH_FLOPS_CONSTANT·in³`` (``eigh`` of the scaled ``Hn``, in ALPS's ``precision``).
     - ``setup``: ``C = B0·Hn``, one ``2·out·in²`` matmul.
     - ``admm``: per iteration ``2·(2·out·in²)`` with ``w_update="eig"`` (two products with ``Q``), or
-      ``2·out·in²`` with ``"inverse"`` plus ``2·in³`` per distinct ρ (re-forming ``Q diag Qᵀ``).
+      ``2·out·in²`` with ``"inverse"`` plus, per distinct ρ, re-forming ``Q diag Qᵀ`` as a blocked
+      symmetric product (``2·in³·(b+1)/(2b)``, see ``symmetric_product_flops``).
     - ``pcg``: ``(pcg_steps + 1)·2·out·in²`` (initial residual + one ``P·Hn`` per step).
     Top-k selection and element-wise work are memory-bound and not counted.
     """
     mm = 2.0 * out_f * in_f * in_f
-    admm = iterations * 2 * mm if w_update == "eig" else iterations * mm + rho_values * 2.0 * in_f**3
+    admm = (
+        iterations * 2 * mm
+        if w_update == "eig"
+        else iterations * mm + rho_values * symmetric_product_flops(in_f)
+    )
     return {
         "eig": EIGH_FLOPS_CONSTANT * in_f**3,
         "setup": mm,

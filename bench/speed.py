@@ -582,7 +582,7 @@ def main(argv: list[str] | None = None) -> None:
             "eig": f"{EIGH_FLOPS_CONSTANT:g}*in^3 (eigh, float32 by default)",
             "setup": "2*out*in^2 (C = B0 Hn)",
             "admm_eig_mode": "iterations * 2 * (2*out*in^2)",
-            "admm_inverse_mode": "iterations * 2*out*in^2 + rho_values * 2*in^3",
+            "admm_inverse_mode": "iterations * 2*out*in^2 + rho_values * 2*in^3*(b+1)/(2b) (b row blocks)",
             "pcg": "(pcg_steps + 1) * 2*out*in^2",
             "floor": "total flops / measured fp32 matmul rate",
         },

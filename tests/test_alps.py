@@ -7,7 +7,7 @@ import torch
 
 import alpsprune
 from alpsprune.masks import mask_for
-from alpsprune.solvers.alps import alps_rhs, pcg_refit
+from alpsprune.solvers.alps import alps_rhs, pcg_refit, symmetric_product
 from alpsprune.solvers.base import dense_target_weight
 from alpsprune.sparsity import SparsitySpec
 from alpsprune.stats import Gram
@@ -205,3 +205,12 @@ def test_info_reports_schedule():
     assert info["stop_reason"] in {"support_stable", "support_nearly_stable", "max_iter"}
     capped = alpsprune.prune_layer(W, G, method="alps", sparsity=0.8, max_iter=6)
     assert capped.info["iterations"] == 6 and capped.info["stop_reason"] == "max_iter"
+
+
+@pytest.mark.parametrize("n", [5, 383, 577, 1100])
+def test_symmetric_product_equals_full_product(n):
+    """The blocked ``M Mᵀ`` used to re-form ``(Hn + ρI)⁻¹`` matches the plain product and is symmetric."""
+    M = torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    P = symmetric_product(M)
+    assert torch.equal(P, P.T)
+    torch.testing.assert_close(P, M @ M.T, rtol=1e-12, atol=1e-10)
