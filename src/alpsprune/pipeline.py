@@ -3,7 +3,9 @@
 Per block: gather input statistics with forward hooks (one :class:`Gram` per distinct input
 tensor, so q/k/v and gate/up share one), solve every target linear, write the pruned weights
 back, then re-run the *pruned* block to produce the next block's inputs. Weights stay where
-they are; one block at a time visits the compute device.
+they are; one block at a time visits the compute device. With sub-layer statistics the block runs
+once per stage; parts of it that are already final replay their recorded outputs instead of being
+recomputed (:mod:`alpsprune.models.replay`; exact, and the outputs are held on the activation store).
 """
 
 from __future__ import annotations
@@ -343,7 +345,8 @@ def prune_model(
         Needs ``sequential="sublayer"`` (the default when it is on).
     :param allocation: per-layer sparsity: ``"uniform"``, ``"owl"``, ``"curve"`` (computed here with
         :func:`alpsprune.allocation.allocate`) or a dict (full name → fraction) overriding ``sparsity``.
-    :param offload_activations: keep calibration activations on CPU between passes.
+    :param offload_activations: keep calibration activations (and the recorded outputs that later
+        passes over a block replay) on CPU between passes.
     :param batch_size: calibration samples per forward pass.
     :param checkpoint_dir: save progress after every block there (see :mod:`alpsprune.checkpoint`).
     :param resume: continue from the last completed block in ``checkpoint_dir``.
