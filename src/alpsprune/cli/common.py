@@ -97,7 +97,7 @@ def add_pruning_args(p: argparse.ArgumentParser, single: bool = True) -> None:
         choices=("uniform", "owl", "curve"),
         default=None,
         help="per-layer sparsity at the same overall sparsity: uniform, OWL outlier ratio, or measured "
-        "error curves (default: owl for alps at unstructured sparsity, else uniform)",
+        "error curves (default: owl for alps at unstructured sparsity from 70%%, else uniform)",
     )
     g.add_argument(
         "--dampening-frac", type=float, default=None, help="λ = frac · mean(diag G) (solver default 0.01)"
