@@ -219,10 +219,13 @@ def test_recipe_defaults_and_contradictions():
     assert resolve_recipe("alps", unstructured, faithful=True) == ("block", False, "uniform")
     assert resolve_recipe("wanda", unstructured) == ("block", False, "uniform")  # as published
     assert resolve_recipe("alps", unstructured, dense_target=False) == ("sublayer", False, "owl")
-    # OWL is recommended from 70% only; asked for explicitly it applies at any unstructured sparsity
+    # ALPS's corrections are recommended above 60% only; asked for explicitly they apply at any sparsity
     low = SparsitySpec.parse(0.6)
-    assert resolve_recipe("alps", low) == ("sublayer", True, "uniform")
-    assert resolve_recipe("alps", low, allocation="owl") == ("sublayer", True, "owl")
+    assert resolve_recipe("alps", low) == ("block", False, "uniform")
+    assert resolve_recipe("alps", low, allocation="owl") == ("block", False, "owl")
+    assert resolve_recipe("alps", low, dense_target=True) == ("sublayer", True, "uniform")
+    assert resolve_recipe("sparsegpt", low) == ("sublayer", True, "uniform")
+    assert resolve_recipe("alps", SparsitySpec.parse(0.65)) == ("sublayer", True, "owl")
     with pytest.raises(AlpsPruneError, match="faithful=True .* dense_target=True"):
         resolve_recipe("alps", unstructured, faithful=True, dense_target=True)
     with pytest.raises(AlpsPruneError, match="needs sequential='sublayer'"):

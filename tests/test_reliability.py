@@ -177,7 +177,7 @@ CASES = [
     ),
     (
         "block-with-dense-default",
-        ["{tiny}", "--sequential", "block"],
+        ["{tiny}", "--sparsity", "0.7", "--sequential", "block"],
         errors.AlpsPruneError,
         ["needs sequential='sublayer'", "--no-dense-target"],
         True,

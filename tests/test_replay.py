@@ -122,9 +122,9 @@ def _prune(arch: str, **options) -> tuple[dict[str, torch.Tensor], list[float], 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "opt", "phi3", "gpt_neox"])
 def test_pipeline_with_replay_is_bit_identical(arch, monkeypatch):
-    """The default (sub-layer, dense-target) recipe gives exactly the same model with and without
-    replay, and replay really skips linear forwards."""
-    options = {"method": "alps", "allocation": "uniform"}
+    """The sub-layer, dense-target pipeline gives exactly the same model with and without replay, and
+    replay really skips linear forwards."""
+    options = {"method": "alps", "dense_target": True, "allocation": "uniform"}
     weights, errors, ran = _prune(arch, **options)
     _without_replay(monkeypatch)
     weights_ref, errors_ref, ran_ref = _prune(arch, **options)

@@ -48,19 +48,24 @@ ALLOCATION_MODES = ("uniform", "owl", "curve")
 FAITHFUL = {"sequential": "block", "dense_target": False, "allocation": "uniform"}
 # Defaults where they beat the paper's pipeline on held-out perplexity (issue 9; bench/results/beyond.md,
 # bundled SmolLM2): error correction (dense-output targets, which need sub-layer statistics) for both
-# weight-fitting solvers; OWL allocation on top helped ALPS (60/70/80%: −1.3/−22/−49% with both) but
-# hurt SparseGPT; at 2:4 the dense target helped SparseGPT (−5%) and not ALPS (+4.5%). Methods not
-# listed (Wanda, DSnoT, magnitude) run as published.
+# weight-fitting solvers; OWL allocation on top helped ALPS (70/80%: −22/−49% with both) but hurt
+# SparseGPT; at 2:4 the dense target helped SparseGPT (−5%) and not ALPS (+4.5%). ALPS's corrections
+# apply only *above* 60%: at 60% the three pipelines were within run-to-run noise of each other (two
+# runs: faithful 60.50/59.36, dense target 59.86/60.07, + OWL 59.69/59.76) and the paper's is 20–35%
+# faster; at 65% the dense target gave −8% (78.06 vs 84.93). Wanda, DSnoT and magnitude run as published.
 _CORRECTED = {"sequential": "sublayer", "dense_target": True, "allocation": "uniform"}
 RECOMMENDED = {
-    "alps": {"unstructured": {**_CORRECTED, "allocation": "owl"}, "nm": FAITHFUL},
+    "alps": {"unstructured": {**_CORRECTED, "allocation": "owl", "above_sparsity": 0.6}, "nm": FAITHFUL},
     "sparsegpt": {"unstructured": _CORRECTED, "nm": _CORRECTED},
 }
-# A recommended OWL allocation applies from this sparsity up. Below it OWL did not pay for its extra
-# pass over the model: on top of the dense target it changed ALPS's ppl by -0.3% at 60% (within
-# run-to-run noise) for +14% time, against -3% at 70% and -5.5% at 80% (bench/results/beyond.md),
-# in line with the OWL paper, whose gains grow with sparsity. An explicit allocation="owl" always applies.
-OWL_FROM_SPARSITY = 0.7
+
+
+def recommended_recipe(method: str, spec: SparsitySpec) -> dict:
+    """The recipe :data:`RECOMMENDED` gives ``method`` for this pattern (:data:`FAITHFUL` if none)."""
+    recipe = RECOMMENDED.get(method, {}).get("nm" if spec.is_nm else "unstructured", FAITHFUL)
+    if "above_sparsity" in recipe and (spec.sparsity or 0.0) <= recipe["above_sparsity"]:
+        return FAITHFUL
+    return recipe
 
 
 def resolve_recipe(
@@ -75,9 +80,9 @@ def resolve_recipe(
     """Fill the options left at ``None`` from the method's recipe; refuse contradictions.
 
     ``faithful=True`` is the paper's algorithm exactly (:data:`FAITHFUL`); otherwise the defaults come
-    from :data:`RECOMMENDED` for the method and the kind of pattern (unstructured or N:M); methods not
-    listed there default to :data:`FAITHFUL`. A recommended OWL allocation applies from
-    :data:`OWL_FROM_SPARSITY` up. Allocation can only be non-uniform for an unstructured sparsity.
+    from :func:`recommended_recipe` (the method, the kind of pattern and, for ALPS, the sparsity);
+    methods not listed there default to :data:`FAITHFUL`. Allocation can only be non-uniform for an
+    unstructured sparsity.
     """
     if faithful:
         clashes = [
@@ -94,8 +99,7 @@ def resolve_recipe(
                 f"faithful=True reproduces the paper's algorithm and cannot be combined with {', '.join(clashes)}; "
                 "drop one of them"
             )
-    kind = "nm" if spec.is_nm else "unstructured"
-    recipe = FAITHFUL if faithful else RECOMMENDED.get(method, {}).get(kind, FAITHFUL)
+    recipe = FAITHFUL if faithful else recommended_recipe(method, spec)
     dense_target = recipe["dense_target"] if dense_target is None else bool(dense_target)
     if sequential is None:
         sequential = "sublayer" if dense_target else recipe["sequential"]
@@ -111,8 +115,6 @@ def resolve_recipe(
         )
     if allocation is None:
         allocation = recipe["allocation"]
-        if allocation == "owl" and (spec.sparsity or 0.0) < OWL_FROM_SPARSITY:
-            allocation = "uniform"
     if isinstance(allocation, str):
         if allocation not in ALLOCATION_MODES:
             raise AlpsPruneError(
@@ -342,8 +344,8 @@ def prune_model(
     :param device: compute device (default: CUDA if available, else CPU).
     :param faithful: the paper's pipeline exactly: ``sequential="block"``, no dense target, uniform
         sparsity. Otherwise options left at ``None`` come from the method's recommended recipe
-        (:data:`RECOMMENDED`: ALPS at unstructured sparsity dense target, plus OWL from 70%;
-        SparseGPT dense target; see :func:`resolve_recipe`).
+        (:data:`RECOMMENDED`: ALPS above 60% unstructured sparsity dense target + OWL, otherwise
+        the paper's pipeline; SparseGPT dense target; see :func:`resolve_recipe`).
     :param sequential: ``"block"`` — all grams of a block from one pass over the dense block (the
         authors' choice); ``"sublayer"`` — re-collect the grams of later linears after the earlier
         ones in the block are pruned.

@@ -89,15 +89,15 @@ def add_pruning_args(p: argparse.ArgumentParser, single: bool = True) -> None:
         "--dense-target",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="fit layers to the dense model's outputs (error correction; default on for alps and "
-        "sparsegpt, except alps at N:M)",
+        help="fit layers to the dense model's outputs (error correction; default on for sparsegpt, "
+        "and for alps at unstructured sparsity above 60%%)",
     )
     g.add_argument(
         "--allocation",
         choices=("uniform", "owl", "curve"),
         default=None,
         help="per-layer sparsity at the same overall sparsity: uniform, OWL outlier ratio, or measured "
-        "error curves (default: owl for alps at unstructured sparsity from 70%%, else uniform)",
+        "error curves (default: owl for alps at unstructured sparsity above 60%%, else uniform)",
     )
     g.add_argument(
         "--dampening-frac", type=float, default=None, help="λ = frac · mean(diag G) (solver default 0.01)"
