@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -50,7 +50,13 @@ class BlockReplay:
     :attr:`batch` before each batch's forward.
     """
 
-    def __init__(self, block: nn.Module, targets: dict[str, nn.Module], device, store):
+    def __init__(
+        self,
+        block: nn.Module,
+        targets: dict[str, nn.Module],
+        device: torch.device | str,
+        store: torch.device | str,
+    ):
         self.block = block
         self.targets = targets
         self.device = torch.device(device)
@@ -150,7 +156,7 @@ class BlockReplay:
                     module.forward = original
             self._drop_covered(n_batches)
 
-    def _replayer(self, module: nn.Module, forward):
+    def _replayer(self, module: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
         cache = self._cache[module]
 
         def replay(*args: Any, **kwargs: Any) -> Any:
@@ -159,7 +165,7 @@ class BlockReplay:
 
         return replay
 
-    def _recorder(self, module: nn.Module, forward):
+    def _recorder(self, module: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
         cache = self._cache[module]
 
         def record(*args: Any, **kwargs: Any) -> Any:
