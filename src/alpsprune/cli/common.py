@@ -163,6 +163,16 @@ def setup_logging(args, rank: int = 0) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
+def pipeline_options(args) -> dict:
+    """The pipeline flags as ``prune_model`` / ``resolve_recipe`` keywords (``None``: the method's recipe)."""
+    return {
+        "faithful": args.faithful,
+        "sequential": args.sequential,
+        "dense_target": args.dense_target,
+        "allocation": args.allocation,
+    }
+
+
 def parse_list(text: str | None) -> list[str]:
     return [x.strip() for x in (text or "").split(",") if x.strip()]
 

@@ -29,6 +29,7 @@ from .common import (
     eval_settings,
     parse_list,
     parse_solver_opts,
+    pipeline_options,
     setup_logging,
 )
 
@@ -104,14 +105,7 @@ def run(args) -> int:
 
     for spec in specs:  # contradictions in the pipeline options fail before anything loads
         for method in methods:
-            resolve_recipe(
-                method,
-                spec,
-                faithful=args.faithful,
-                sequential=args.sequential,
-                dense_target=args.dense_target,
-                allocation=args.allocation,
-            )
+            resolve_recipe(method, spec, **pipeline_options(args))
     nsamples, seqlen = calib_shape(args)
     solver_opts = parse_solver_opts(args)
     check_device(args.device)
@@ -175,10 +169,7 @@ def run(args) -> int:
                 targets=args.targets,
                 ignore=args.ignore,
                 device=args.device,
-                faithful=args.faithful,
-                sequential=args.sequential,
-                dense_target=args.dense_target,
-                allocation=args.allocation,
+                **pipeline_options(args),
                 offload_activations=args.offload_activations,
                 batch_size=args.batch_size,
                 progress=not args.quiet,

@@ -33,6 +33,7 @@ from .common import (
     default_output,
     eval_settings,
     parse_solver_opts,
+    pipeline_options,
     setup_logging,
 )
 
@@ -103,14 +104,8 @@ def run(args) -> int:
     check_solver_opts(args.method, solver_opts)
     from ..pipeline import resolve_recipe
 
-    resolve_recipe(  # contradictions (--faithful with --dense-target, owl with N:M) fail here, not later
-        args.method,
-        spec,
-        faithful=args.faithful,
-        sequential=args.sequential,
-        dense_target=args.dense_target,
-        allocation=args.allocation,
-    )
+    # contradictions (--faithful with --dense-target, owl with N:M) fail here, not after loading
+    resolve_recipe(args.method, spec, **pipeline_options(args))
     check_regexes(args.targets, args.ignore)
     device = default_device(parallel) if args.device == "auto" else args.device
     check_device(device)
@@ -200,10 +195,7 @@ def run(args) -> int:
         targets=args.targets,
         ignore=args.ignore,
         device=device,
-        faithful=args.faithful,
-        sequential=args.sequential,
-        dense_target=args.dense_target,
-        allocation=args.allocation,
+        **pipeline_options(args),
         offload_activations=args.offload_activations,
         batch_size=args.batch_size,
         progress=not args.quiet,

@@ -260,7 +260,6 @@ def _record_all_blocks(
     recorded: list[dict[str, Any]] = []
     first_hidden: list[torch.Tensor] = []
     last = len(blocks) - 1
-    saved: list[tuple[nn.Module, Any]] = []
 
     def make_recorder(index: int) -> Callable[..., torch.Tensor]:
         def recorder(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -278,17 +277,8 @@ def _record_all_blocks(
 
         return recorder
 
-    try:
-        for index, block in enumerate(blocks):
-            saved.append((block, block.__dict__.get("forward")))
-            block.forward = make_recorder(index)
+    with replaced_forwards({block: make_recorder(index) for index, block in enumerate(blocks)}):
         _call_model(model, batch)
-    finally:
-        for block, original in saved:
-            if original is None:
-                del block.forward
-            else:
-                block.forward = original
     if len(recorded) != len(blocks):
         raise ModelError(f"{type(model).__name__} ran {len(recorded)} of its {len(blocks)} decoder blocks")
     return first_hidden[0], recorded
@@ -348,3 +338,20 @@ def input_hooks(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor],
     finally:
         for h in handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def replaced_forwards(forwards: dict[nn.Module, Callable[..., Any]]) -> Iterator[None]:
+    """Give each module in ``forwards`` that function as its ``forward`` (hooks still run); put the
+    previous one back on exit, whatever happens — also an instance-level one (e.g. accelerate's)."""
+    saved = [(module, module.__dict__.get("forward")) for module in forwards]
+    for module, forward in forwards.items():
+        module.forward = forward
+    try:
+        yield
+    finally:
+        for module, original in saved:
+            if original is None:
+                del module.forward
+            else:
+                module.forward = original

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from alpsprune.models.capture import replaced_forwards
+
 
 class _Uncacheable(Exception):
     """A module returned something other than tensors, ``None`` and plain scalars."""
@@ -140,20 +142,14 @@ class BlockReplay:
                 visit(child, may_record)
 
         visit(self.block, record)
-        saved = [(m, m.__dict__.get("forward")) for m in replays + records]
-        for module in replays:
-            module.forward = self._replayer(module, module.forward)
+        forwards = {module: self._replayer(module, module.forward) for module in replays}
         for module in records:
             self._cache.setdefault(module, {})
-            module.forward = self._recorder(module, module.forward)
+            forwards[module] = self._recorder(module, module.forward)
         try:
-            yield
+            with replaced_forwards(forwards):
+                yield
         finally:
-            for module, original in saved:
-                if original is None:
-                    del module.forward
-                else:
-                    module.forward = original
             self._drop_covered(n_batches)
 
     def _replayer(self, module: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:

@@ -82,10 +82,10 @@ def _row_blocks(n: int) -> int:
     return max(1, min(8, n // 192))
 
 
-def symmetric_product_flops(n: int, k: int | None = None) -> float:
-    """Flops of :func:`symmetric_product` for ``M`` of shape ``(n, k)`` (``k = n`` by default)."""
+def symmetric_product_flops(n: int) -> float:
+    """Flops of :func:`symmetric_product` for a square ``M`` of side ``n``."""
     b = _row_blocks(n)
-    return 2.0 * n * n * (k if k is not None else n) * (b + 1) / (2 * b)
+    return 2.0 * n**3 * (b + 1) / (2 * b)
 
 
 def admm(
