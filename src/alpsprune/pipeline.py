@@ -422,7 +422,7 @@ def prune_model(
 
     from .checkpoint import Checkpointer  # local: keeps import light
 
-    ckpt = Checkpointer(checkpoint_dir, settings, calibration) if checkpoint_dir else None
+    ckpt = Checkpointer(checkpoint_dir, settings, calibration, model) if checkpoint_dir else None
     my_samples = parallel.shard(calibration, batch_size)  # data parallel: each rank its batches
     with torch.no_grad():
         inputs = capture_block_inputs(model, my_samples, device, batch_size=batch_size, store_device=store)
@@ -431,9 +431,10 @@ def prune_model(
     first_block = 0
     if resume:
         first_block, hidden, dense_stream, report = _resume(
-            checkpoint_dir, settings, calibration, plan, parallel
+            checkpoint_dir, settings, calibration, plan, parallel, model, batch_size
         )
 
+    _note_unprunable(model, report, parallel)
     n_blocks = len(plan.blocks)
     bar = tqdm(
         total=n_blocks,
@@ -598,19 +599,36 @@ def _check_calibration(calibration: torch.Tensor, model: nn.Module) -> None:
         )
 
 
-def _resume(checkpoint_dir, settings, calibration, plan, parallel):
+def _resume(checkpoint_dir, settings, calibration, plan, parallel, model, batch_size):
     from .checkpoint import load_checkpoint
 
-    state = load_checkpoint(checkpoint_dir, settings, calibration)
+    # the model's identity is checked before any pruned weight is written into it
+    state = load_checkpoint(checkpoint_dir, settings, calibration, model, parallel, batch_size)
     for index in range(state.next_block):
         for name, weight in state.weights_for(index).items():
             set_weight(plan.layers[index][name], weight)
-    hidden = parallel.shard_list(state.hidden)
-    dense = parallel.shard_list(state.dense) if state.dense is not None else None
+    hidden, dense = state.hidden, state.dense  # this rank's windows, in its batches
     report = state.report
     report.extra["resumed_seconds"] = report.seconds
     log.info("resuming at block %d/%d from %s", state.next_block + 1, len(plan.blocks), checkpoint_dir)
     return state.next_block, hidden, dense, report
+
+
+def _note_unprunable(model: nn.Module, report: PruneReport, parallel: Parallel) -> None:
+    """Say which weights stay dense because they are not linear layers (fused MoE experts), once, and record it."""
+    from .models.discovery import unprunable_parameters
+
+    skipped = unprunable_parameters(model)
+    if skipped is None:
+        return
+    report.extra["not_pruned"] = skipped
+    if parallel.is_main:
+        log.warning(
+            "not pruned: %s in every block (%.0f%% of the block weights): %s",
+            ", ".join(skipped["kinds"]),
+            100 * skipped["fraction_of_block_weights"],
+            skipped["reason"],
+        )
 
 
 def model_sparsity(model: nn.Module) -> float:

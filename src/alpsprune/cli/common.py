@@ -300,14 +300,14 @@ def default_output(args, label: str) -> Path:
 
 
 def check_output(path: Path, overwrite: bool) -> None:
-    from ..io import is_complete_output
+    """Refuse, before anything heavy, an output folder alpsprune must not write into (see
+    :func:`alpsprune.io.check_output_folder`: foreign files, `.`, `/`, home, a complete run without
+    --overwrite), or one whose parent is not writable."""
+    from ..io import check_output_folder
 
-    if path.exists() and not overwrite and is_complete_output(path):
-        raise OutputError(
-            f"output folder {path} already holds a complete run; choose another --output or pass --overwrite"
-        )
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"--output {path} exists and is not a folder")
-    parent = path.parent if str(path.parent) else Path(".")
-    if parent.exists() and not os.access(parent, os.W_OK):
+    check_output_folder(path, overwrite, flag="--output")
+    parent = path.expanduser().absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
         raise OutputError(f"cannot write into {parent}; choose another --output")
