@@ -50,8 +50,8 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     out = Path(out_dir)
     results = {}
     for name, kwargs, nsamples in CONFIGS:
-        # a checkpoint folder per rank: only rank 0's may ever appear
-        weights, report = run_config(parallel, kwargs, nsamples, out / f"ckpt-{name}-rank{rank}")
+        # one checkpoint folder shared by the ranks: each writes its own shard of the block inputs
+        weights, report = run_config(parallel, kwargs, nsamples, out / f"ckpt-{name}")
         results[name] = {"weights": weights, "records": [r.name for r in report.layers]}
 
     # a failing solve on one rank stops every rank at the same task, with the layer's message

@@ -247,6 +247,7 @@ class Checkpointer:
         self.dir = self.folder.dir
         check_checkpoint_folder(self.dir, flag="checkpoint folder")
         self.fingerprint = fingerprint(settings, calibration, model)
+        self.model = model_identity(model)
 
     def save(
         self, index: int, layers: dict, hidden: list, dense: list | None, report: PruneReport, parallel
@@ -270,6 +271,7 @@ class Checkpointer:
             return
         state = {
             "fingerprint": self.fingerprint,
+            "model": self.model,
             "next_block": index + 1,
             "inputs": {"files": names, "windows": [int(c) for c in counts], "dense": dense is not None},
             "report": report.to_dict(),
@@ -338,9 +340,14 @@ def load_checkpoint(
             f"checkpoint {directory / STATE} is unreadable ({exc}); start again without --resume"
         ) from None
     if state.get("fingerprint") != fingerprint(settings, calibration, model):
+        if state.get("model") != model_identity(model):
+            raise CheckpointError(
+                f"checkpoint in {directory} was made with a different model (its config or weights differ); "
+                "resume with the model that started the run, or start fresh without --resume"
+            )
         raise CheckpointError(
-            f"checkpoint in {directory} was made with a different model, settings or calibration data; "
-            "use the same model and command line to resume, or start fresh without --resume"
+            f"checkpoint in {directory} was made with different settings or calibration data; "
+            "use the same command line to resume, or start fresh without --resume"
         )
     try:
         inputs = state["inputs"]
