@@ -262,6 +262,7 @@ class Checkpointer:
         tensors = {"hidden": _stack(hidden)} if hidden else {}
         if dense is not None and dense:
             tensors["dense"] = _stack(dense)
+        self.dir.mkdir(parents=True, exist_ok=True)
         _atomic(self.dir / names[parallel.rank], lambda p: save_file(tensors, str(p)))
         if parallel.is_main:
             weights = {name: get_weight(m).contiguous().cpu() for name, m in layers.items()}
