@@ -100,6 +100,33 @@ def test_foreign_folder_is_refused_and_survives(env, tmp_path, no_loading, comma
     assert not (tmp_path / "out").exists()
 
 
+def test_eval_output_file_of_the_user_survives(env, tmp_path, monkeypatch):
+    argv = [
+        "eval",
+        env["model"],
+        "--ppl",
+        env["eval"],
+        "--seqlen",
+        "32",
+        "--max-windows",
+        "1",
+        "--device",
+        "cpu",
+    ]
+    thesis = tmp_path / "thesis.tex"
+    thesis.write_text("years of work\n")
+    with monkeypatch.context() as m:
+        m.setattr("alpsprune.io.load_model", lambda *a, **k: pytest.fail("loaded before refusing"))
+        code, _, err = run_cli([*argv, "--output", str(thesis), "-q"])
+    assert code == 2 and "was not written by alpsprune eval" in error_lines(err, "eval")[0], err
+    assert thesis.read_text() == "years of work\n"
+    ours = tmp_path / "eval.json"
+    for _ in range(2):  # its own previous result is replaced
+        code, _, err = run_cli([*argv, "--output", str(ours), "-q"])
+        assert code == 0, err
+    assert json.loads(ours.read_text())["perplexity"][env["eval"]]["windows"] == 1
+
+
 def test_complete_output_with_a_users_file_is_not_overwritten(env, tmp_path, no_loading):
     """--overwrite replaces a previous alpsprune output only, not one a user has added files to."""
     from alpsprune.io import save_pruned

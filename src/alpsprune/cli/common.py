@@ -311,3 +311,23 @@ def check_output(path: Path, overwrite: bool) -> None:
         parent = parent.parent
     if not os.access(parent, os.W_OK):
         raise OutputError(f"cannot write into {parent}; choose another --output")
+
+
+EVAL_MARK = "alpsprune eval"  # `written_by` of the JSON files `alpsprune eval` writes
+
+
+def check_output_file(path: Path) -> None:
+    """`eval --output FILE`: a new file, or one that `alpsprune eval` wrote before (by its mark)."""
+    import json
+
+    if path.is_dir():
+        raise OutputError(f"--output {path} is a folder; give a file name, e.g. --output {path}/eval.json")
+    if path.exists() or path.is_symlink():
+        try:
+            ours = json.loads(path.read_text()).get("written_by") == EVAL_MARK
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise OutputError(
+                f"--output {path} exists and was not written by alpsprune eval; choose another --output"
+            )

@@ -63,7 +63,10 @@ def add_parser(sub) -> None:
     add_eval_args(p)
     p.add_argument("--output", default=None, help="output folder (default: a new folder under ./runs/)")
     p.add_argument(
-        "--overwrite", action="store_true", help="replace an output folder that holds a complete comparison"
+        "--overwrite",
+        action="store_true",
+        help="replace a previous comparison (only the files its manifest lists); a folder holding other "
+        "files is always refused",
     )
     add_verbosity(p)
     p.set_defaults(func=run)

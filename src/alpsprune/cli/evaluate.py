@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..report import format_table
 from .common import (
+    EVAL_MARK,
     HelpFormatter,
     UsageError,
     add_model_arg,
@@ -15,6 +16,7 @@ from .common import (
     check_device,
     check_dtype,
     check_model_arg,
+    check_output_file,
     default_output,
     parse_list,
     setup_logging,
@@ -80,6 +82,7 @@ def run(args) -> int:
     for ds in datasets:
         resolve_source(ds)
     out = Path(args.output) if args.output else default_output(args, "eval").with_suffix(".json")
+    check_output_file(out)  # never replace a file alpsprune did not write
 
     from ..evaluation import perplexity, zero_shot
     from ..io import load_model
@@ -88,6 +91,7 @@ def run(args) -> int:
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     model.to(resolve_device(args.device))
     results: dict = {
+        "written_by": EVAL_MARK,
         "model": args.model or "bundled:SmolLM2-135M-Instruct",
         "perplexity": {},
         "zero_shot": {},

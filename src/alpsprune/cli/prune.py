@@ -69,7 +69,10 @@ def add_parser(sub) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--output", default=None, help="output folder (default: a new folder under ./runs/)")
     o.add_argument(
-        "--overwrite", action="store_true", help="replace an output folder that holds a complete run"
+        "--overwrite",
+        action="store_true",
+        help="replace a previous alpsprune output (only the files its manifest lists), or restart an "
+        "unfinished run; a folder holding other files is always refused",
     )
     o.add_argument(
         "--checkpoint-dir", default=None, help="where per-block checkpoints go (default: OUTPUT/checkpoint)"
