@@ -139,7 +139,7 @@ def test_complete_output_with_a_users_file_is_not_overwritten(env, tmp_path, no_
     assert snapshot(out) == before
 
 
-@pytest.mark.parametrize("where", [".", "/", "~", "..", "checkpoint:."])
+@pytest.mark.parametrize("where", [".", "/", "~", "..", "checkpoint:.", "checkpoint:runs/x", "checkpoint:runs"])
 def test_unsafe_folders_are_refused_before_loading(env, tmp_path, monkeypatch, no_loading, where):
     home = tmp_path / "home"
     work = home / "work"

@@ -348,6 +348,12 @@ def run_folders(args, label: str) -> tuple[Path, Path]:
     check_output(out, args.overwrite)
     if args.checkpoint_dir:
         check_checkpoint_folder(ckpt_dir)
+        o, c = out.expanduser().resolve(), ckpt_dir.expanduser().resolve()
+        if c == o or c in o.parents:
+            raise UsageError(
+                f"--checkpoint-dir {ckpt_dir} would hold the output {out}; give it a folder of its own, "
+                f"e.g. --checkpoint-dir {out / 'checkpoint'}"
+            )
     unfinished = has_unfinished_run(ckpt_dir)
     if args.resume and not unfinished:
         raise CheckpointError(
