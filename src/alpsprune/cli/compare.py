@@ -228,7 +228,7 @@ def markdown_table(result: dict, dataset: str) -> str:
 def write_outputs(result: dict, out: Path, dataset: str, overwrite: bool = False) -> None:
     """compare.json, compare.md, compare.png and a manifest, through the same writer as pruned models:
     only a previous comparison's files (by its manifest) are ever replaced."""
-    from ..io import check_output_folder, write_owned_folder
+    from ..io import write_owned_folder
     from ..plots import plot_compare
 
     def write(tmp: Path) -> None:
@@ -240,7 +240,7 @@ def write_outputs(result: dict, out: Path, dataset: str, overwrite: bool = False
         )
         plot_compare(result["runs"], tmp / "compare.png", dense_ppl=result["dense"][dataset], dataset=dataset)
 
-    check_output_folder(out, overwrite, flag="--output")
+    # checked before the runs (check_output); the writer itself never replaces a file no manifest lists
     try:
         write_owned_folder(out, write, replace_previous=overwrite)
     except OSError as exc:

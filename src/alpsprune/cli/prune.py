@@ -121,7 +121,7 @@ def run(args) -> int:
         resolve_source(ds)
         check_disjoint(args.calib, args.calib_split, ds, None)
     label = f"{args.method}-{spec.label.replace(':', 'of')}"
-    out, ckpt_dir = run_folders(args, label)
+    out, ckpt_dir = run_folders(args, label, parallel)
 
     # ---- structure, calibration, then the weights (the slow part) last --------------------------------
     from ..data import assert_no_window_overlap, eval_tokens, get_calibration
@@ -303,7 +303,8 @@ def report_markdown(report) -> str:
 
 
 def write_outputs(model, tokenizer, report, out: Path, args, ckpt_dir: Path) -> None:
-    """Everything into one temporary folder, then one rename (see :func:`alpsprune.io.save_pruned`)."""
+    """Everything built in a temporary folder, then moved in with the manifest last (see
+    :func:`alpsprune.io.save_pruned`); then the checkpoint removes its own files."""
     from ..checkpoint import CheckpointFolder
     from ..io import save_pruned
     from ..plots import plot_allocation, plot_layers
@@ -331,7 +332,7 @@ def write_outputs(model, tokenizer, report, out: Path, args, ckpt_dir: Path) -> 
     CheckpointFolder(ckpt_dir).clean()
 
 
-def run_folders(args, label: str) -> tuple[Path, Path]:
+def run_folders(args, label: str, parallel) -> tuple[Path, Path]:
     """The output and checkpoint folders, checked before anything heavy: a folder holding files that
     alpsprune did not write is refused, `--overwrite` replaces only a previous alpsprune output or
     unfinished run, `--resume` needs an unfinished run (without `--output`: the one under ./runs/ that
@@ -340,10 +341,14 @@ def run_folders(args, label: str) -> tuple[Path, Path]:
 
     if args.output:
         out = Path(args.output)
-    elif args.resume:
-        out = find_unfinished_run(args, label)
     else:
-        out = default_output(args, label)
+        out = find_unfinished_run(args, label) if args.resume else default_output(args, label)
+        if parallel.world_size > 1:  # every rank writes into the checkpoint: one time stamp for all
+            import torch.distributed as dist
+
+            box = [str(out)]
+            dist.broadcast_object_list(box, src=0)
+            out = Path(box[0])
     ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else out / "checkpoint"
     check_output(out, args.overwrite)
     if args.checkpoint_dir:
