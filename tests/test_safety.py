@@ -139,7 +139,9 @@ def test_complete_output_with_a_users_file_is_not_overwritten(env, tmp_path, no_
     assert snapshot(out) == before
 
 
-@pytest.mark.parametrize("where", [".", "/", "~", "..", "checkpoint:.", "checkpoint:runs/x", "checkpoint:runs"])
+@pytest.mark.parametrize(
+    "where", [".", "/", "~", "..", "checkpoint:.", "checkpoint:runs/x", "checkpoint:runs"]
+)
 def test_unsafe_folders_are_refused_before_loading(env, tmp_path, monkeypatch, no_loading, where):
     home = tmp_path / "home"
     work = home / "work"
@@ -317,3 +319,34 @@ def test_fused_moe_experts_are_reported_not_silently_skipped(make_config, caplog
     for name, before in experts.items():
         assert torch.equal(params[name], before), name
     assert report.layers  # the attention (and shared experts) were pruned
+
+
+def test_cli_records_fused_experts_in_report_json(env, tmp_path):
+    import transformers
+
+    from alpsprune.io import load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    config = _mixtral()
+    config.vocab_size = len(tokenizer)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "moe")
+    tokenizer.save_pretrained(tmp_path / "moe")
+    out = tmp_path / "out"
+    argv = [
+        "prune",
+        str(tmp_path / "moe"),
+        "--calib",
+        env["calib"],
+        "--eval",
+        "none",
+        *FAST,
+        "--output",
+        str(out),
+    ]
+    code, _, err = run_cli(argv)
+    assert code == 0, err
+    assert err.count("not pruned: mlp.experts.down_proj, mlp.experts.gate_up_proj in every block") == 1, err
+    recorded = json.loads((out / "report.json").read_text())["extra"]["not_pruned"]
+    assert len(recorded["parameters"]) == 4 and "3-D" in recorded["reason"]
+    assert "- not pruned: mlp.experts.down_proj" in (out / "report.md").read_text()

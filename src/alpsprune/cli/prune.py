@@ -291,6 +291,14 @@ def report_markdown(report) -> str:
         f"- targeted sparsity: {sm['targeted_sparsity']:.4f}; whole model: {sm['model_sparsity']:.4f}",
         f"- mean relative error: {sm['mean_error']:.4e} (max {sm['max_error']:.4e})",
         f"- pruning time: {sm['seconds']:.1f} s; total: {report.extra.get('total_seconds', 0):.1f} s",
+    ]
+    skipped = report.extra.get("not_pruned")
+    if skipped:  # e.g. fused MoE experts: say it where the numbers are read
+        lines.append(
+            f"- not pruned: {', '.join(skipped['kinds'])} in every block "
+            f"({skipped['fraction_of_block_weights']:.0%} of the block weights): {skipped['reason']}"
+        )
+    lines += [
         "",
         "## Layers",
         "",
