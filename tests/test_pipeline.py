@@ -196,7 +196,13 @@ def test_offloaded_activations_match():
     calib = calibration(model_a)
     for model, offload in ((model_a, False), (model_b, True)):
         alpsprune.prune_model(
-            model, calib, method="sparsegpt", sparsity=0.5, progress=False, offload_activations=offload, batch_size=3
+            model,
+            calib,
+            method="sparsegpt",
+            sparsity=0.5,
+            progress=False,
+            offload_activations=offload,
+            batch_size=3,
         )
     for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
         assert torch.equal(a, b), name
