@@ -47,7 +47,6 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -367,13 +366,3 @@ def load_checkpoint(
             "start again without --resume"
         ) from None
     return CheckpointState(directory, next_block, hidden, dense, report)
-
-
-def describe_state(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The committed state of an unfinished run (for finding it again), or None."""
-    if not has_unfinished_run(directory):
-        return None
-    try:
-        return json.loads((Path(directory) / STATE).read_text())
-    except (OSError, ValueError):
-        return None
