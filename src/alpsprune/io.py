@@ -98,7 +98,8 @@ def load_model(
     kind, source, cache_name = _resolve_source(model)
     placement: dict[str, Any] = {}
     if device_map is not None or max_memory is not None:
-        placement = {"device_map": device_map or "auto", "max_memory": max_memory}
+        # a copy: transformers rewrites max_memory's sizes to bytes in place
+        placement = {"device_map": device_map or "auto", "max_memory": dict(max_memory or {}) or None}
     if kind == "gguf":
         return _load_gguf(Path(source), torch_dtype, cache_name, placement)
     hub = {"trust_remote_code": trust_remote_code, "revision": revision, "cache_dir": cache_dir}
