@@ -287,13 +287,17 @@ def _literal(value: str):
     return value
 
 
-def calib_shape(args) -> tuple[int, int]:
-    bundled = args.model is None
+def default_calib_shape(bundled: bool, nsamples: int | None, seqlen: int | None) -> tuple[int, int]:
+    """Calibration windows × tokens: the given values, else the bundled demo's or the papers' defaults
+    (shared by the CLI and :func:`alpsprune.oneshot`)."""
     # `is None`, not `or`: an explicit 0 is an error, not a request for the default.
-    nsamples = (
-        args.nsamples if args.nsamples is not None else (DEMO_NSAMPLES if bundled else STANDARD_NSAMPLES)
-    )
-    seqlen = args.seqlen if args.seqlen is not None else (DEMO_SEQLEN if bundled else STANDARD_SEQLEN)
+    nsamples = nsamples if nsamples is not None else (DEMO_NSAMPLES if bundled else STANDARD_NSAMPLES)
+    seqlen = seqlen if seqlen is not None else (DEMO_SEQLEN if bundled else STANDARD_SEQLEN)
+    return nsamples, seqlen
+
+
+def calib_shape(args) -> tuple[int, int]:
+    nsamples, seqlen = default_calib_shape(args.model is None, args.nsamples, args.seqlen)
     if nsamples < 1:
         raise UsageError(f"--nsamples must be at least 1, got {nsamples}")
     if seqlen < 8:
