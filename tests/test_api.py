@@ -20,6 +20,7 @@ from alpsprune.models import get_weight, list_target_layers
 from alpsprune.report import LayerRecord, PruneReport
 
 ROOT = Path(__file__).resolve().parents[1]
+SRC = Path(alpsprune.__file__).resolve().parents[1]  # the alpsprune under test, for subprocesses
 
 
 def _weights(model) -> dict[str, torch.Tensor]:
@@ -185,7 +186,7 @@ def test_oneshot_is_exported_and_import_stays_light():
         "import sys, alpsprune, alpsprune.oneshot; "
         "print(callable(alpsprune.oneshot), 'transformers' in sys.modules, 'oneshot' in alpsprune.__all__)"
     )
-    env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}
+    env = {"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "False", "True"]
 

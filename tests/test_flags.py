@@ -20,6 +20,7 @@ from alpsprune.errors import DataError, ModelError
 from alpsprune.sparsity import SparsitySpec
 
 ROOT = Path(__file__).resolve().parents[1]
+SRC = Path(alpsprune.__file__).resolve().parents[1]  # the alpsprune under test, for subprocesses
 
 
 # --- --help: each default once; recipe-dependent defaults say "recipe" ----------------------------------
@@ -268,7 +269,7 @@ print(json.dumps({"backend": [before[0], after[0]], "rc_same": before[1] == afte
 
 
 def test_plots_leave_matplotlib_global_state_alone(tmp_path):
-    env = {**os.environ, "MPLBACKEND": "svg", "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "MPLBACKEND": "svg", "PYTHONPATH": str(SRC)}
     proc = subprocess.run(
         [sys.executable, "-c", _PLOT_SCRIPT, str(tmp_path)],
         env=env,
