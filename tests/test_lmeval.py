@@ -192,3 +192,24 @@ def test_limit_and_batch_size_parsing():
     assert _limit("100") == 100 and isinstance(_limit("100"), int)
     assert _limit("0.25") == 0.25
     assert _batch_size("auto") == "auto" and _batch_size("auto:4") == "auto:4" and _batch_size("8") == 8
+
+
+def test_local_tasks_skip_indexing_builtin_tasks(tmp_path):
+    pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from alpsprune.evaluation.lmeval import _task_manager
+
+    built: list[bool] = []
+
+    class Recording(TaskManager):
+        def __init__(self, include_path=None, include_defaults=True):
+            built.append(include_defaults)
+            super().__init__(include_path=include_path, include_defaults=False)  # keep the test fast
+
+    tasks = str(_write_task(tmp_path / "tasks"))
+    _task_manager(Recording, ["tiny_mc"], [tasks], True)
+    assert built == [False]  # the include path alone
+    built.clear()
+    _task_manager(Recording, ["tiny_mc", "piqa"], [tasks], True)  # piqa is a built-in: full index
+    assert built == [False, True]
