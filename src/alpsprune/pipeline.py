@@ -3,9 +3,16 @@
 Per block: gather input statistics with forward hooks (one :class:`Gram` per distinct input
 tensor, so q/k/v and gate/up share one), solve every target linear, write the pruned weights
 back, then re-run the *pruned* block to produce the next block's inputs. Weights stay where
-they are; one block at a time visits the compute device. With sub-layer statistics the block runs
-once per stage; parts of it that are already final replay their recorded outputs instead of being
-recomputed (:mod:`alpsprune.models.replay`; exact, and the outputs are held on the activation store).
+they are; one block at a time visits the compute device, once per block (:mod:`alpsprune.streaming`
+moves the activations). With sub-layer statistics the block runs once per stage; parts of it that
+are already final may replay their recorded outputs instead of being recomputed, within the
+``replay_memory`` budget (:mod:`alpsprune.models.replay`; exact either way).
+
+Activation memory: the pruned stream, replaced in place by each block's outputs, and with the
+dense-output target one more stream (the dense model's hidden states). The dense block's layer
+inputs a stage needs are recomputed batch by batch from the dense stream (with the block's dense
+weights swapped in) and used at once, so nothing else outlives a batch
+(:func:`alpsprune.streaming.activation_bytes`).
 """
 
 from __future__ import annotations
