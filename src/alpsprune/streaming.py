@@ -81,7 +81,8 @@ class _DiskBatch:
 
         self.path = directory / f"batch-{uuid.uuid4().hex}.safetensors"
         save_file({"h": tensor.detach().contiguous().cpu()}, str(self.path))
-        self.nbytes = tensor.numel() * tensor.element_size()
+        self.element_size = tensor.element_size()
+        self.nbytes = tensor.numel() * self.element_size
         self.shape = tuple(tensor.shape)
         weakref.finalize(self, _unlink, self.path)
 
@@ -155,6 +156,14 @@ class ActivationStream(Sequence):
     def batch_shape(self, index: int) -> tuple[int, ...]:
         item = self._items[index]
         return item.shape if isinstance(item, _DiskBatch) else tuple(item.shape)
+
+    @property
+    def element_size(self) -> int:
+        """Bytes per element of the batches (0 for an empty stream)."""
+        if not self._items:
+            return 0
+        item = self._items[0]
+        return item.element_size if isinstance(item, _DiskBatch) else item.element_size()
 
     @property
     def nbytes(self) -> int:
@@ -282,9 +291,12 @@ def activation_bytes(
 
     * ``capture``: ``S + B`` (block-0 inputs, one batch being embedded);
     * ``prune`` (statistics, solve, propagate of one block): ``S + B`` for the pruned stream, plus
-      ``S + B`` for the dense stream with ``dense_target``, plus the replay cache (at most
-      ``replay_memory``), plus, with ``dense_target``, a copy of the block's dense target weights
-      (``block_target_bytes``, on the compute device) for the dense passes;
+      ``S + B`` for the dense stream with ``dense_target``, plus at most ``replay_memory`` for the
+      caches (the replay cache, and, when the budget has room for them, the dense block's layer
+      inputs over all batches: ``Σ_groups in_features × nsamples × seqlen × dtype_bytes``, e.g.
+      ``(3·hidden + intermediate)/hidden`` streams for LLaMA), plus, with ``dense_target`` and the
+      dense inputs recomputed, a copy of the block's dense target weights (``block_target_bytes``,
+      on the compute device; a bound: the last stage's layers are not copied);
     * ``allocate``: ``S + B`` (one dense stream);
     * ``evaluate``: ``S + B`` with the windows in place of the calibration samples.
 
