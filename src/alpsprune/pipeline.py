@@ -406,6 +406,7 @@ def prune_model(
     offload_activations: bool | str = False,
     offload_dir=None,
     replay_memory: int | None = 0,
+    release_blocks: bool = False,
     batch_size: int = 1,
     progress: bool = True,
     checkpoint_dir=None,
@@ -446,6 +447,10 @@ def prune_model(
         :mod:`alpsprune.models.replay`). ``0`` (default): off — nothing but the streams outlives a
         batch; ``None``: no limit (fastest; about 6 hidden streams for a LLaMA block). Results are
         bit-identical whatever the budget.
+    :param release_blocks: free every block after it is pruned (its weights end on the ``meta``
+        device): for torchrun ranks other than 0, which only help compute (rank 0 keeps, evaluates
+        and saves the pruned model), so that each holds one block instead of a whole pruned copy
+        (:func:`alpsprune.streaming.visiting`). The returned report is complete; the model is not.
     :param batch_size: calibration samples per forward pass.
     :param checkpoint_dir: save progress after every block there (see :mod:`alpsprune.checkpoint`).
     :param resume: continue from the last completed block in ``checkpoint_dir``.
@@ -522,7 +527,7 @@ def prune_model(
     first_block = 0
     if resume:
         first_block, hidden, dense_stream, report = _resume(
-            checkpoint_dir, settings, calibration, plan, parallel, placement
+            checkpoint_dir, settings, calibration, plan, parallel, placement, release_blocks
         )
         inputs.hidden = hidden
 
@@ -537,7 +542,7 @@ def prune_model(
     try:
         for index in range(first_block, n_blocks):
             t_block = time.perf_counter()
-            with visiting(plan.blocks[index], device) as block:
+            with visiting(plan.blocks[index], device, release=release_blocks) as block:
                 records, calib_seconds = _prune_block(
                     index,
                     block,
@@ -720,11 +725,14 @@ def _check_calibration(calibration: torch.Tensor, model: nn.Module) -> None:
         )
 
 
-def _resume(checkpoint_dir, settings, calibration, plan, parallel, placement):
+def _resume(checkpoint_dir, settings, calibration, plan, parallel, placement, release_blocks=False):
     from .checkpoint import load_checkpoint
 
     state = load_checkpoint(checkpoint_dir, settings, calibration)
     for index in range(state.next_block):
+        if release_blocks:  # finished blocks are not needed here: free them instead of loading them
+            plan.blocks[index].to("meta")
+            continue
         for name, weight in state.weights_for(index).items():
             set_weight(plan.layers[index][name], weight)
     hidden = ActivationStream(parallel.shard_list(state.hidden), placement)
@@ -736,9 +744,12 @@ def _resume(checkpoint_dir, settings, calibration, plan, parallel, placement):
 
 
 def model_sparsity(model: nn.Module) -> float:
-    """Fraction of exactly-zero entries over all parameters of the model."""
+    """Fraction of exactly-zero entries over all parameters of the model (released ones, on the
+    ``meta`` device, are left out)."""
     zeros = total = 0
     for p in model.parameters():
+        if p.device.type == "meta":
+            continue
         zeros += int((p == 0).sum())
         total += p.numel()
     return zeros / total if total else 0.0

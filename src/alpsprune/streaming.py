@@ -231,19 +231,42 @@ def _home(block: nn.Module) -> torch.device:
 
 
 @contextlib.contextmanager
-def visiting(block: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+def visiting(
+    block: nn.Module, device: torch.device, release: bool = False, writes: bool = True
+) -> Iterator[nn.Module]:
     """The block on ``device`` for the duration (one move in, one move back: one *visit*).
 
     Every pass over all batches of a stream happens inside one visit; callers never move blocks
     per batch. The move calls ``block.to`` exactly twice, also when the block already lives on
     ``device`` (a no-op then), so visits can be counted on a CPU-only machine.
+
+    ``release``: the process needs the block no more after this visit (a torchrun rank other than
+    0: only rank 0 keeps the pruned model). The block works on private copies of its weights and
+    ends on the ``meta`` device, so the process's memory holds one block, never the whole pruned
+    model. Weights loaded from safetensors are memory-mapped (and shared between the ranks of a
+    machine through the page cache) as long as nobody writes to them: the private copies keep it so.
+
+    ``writes=False`` (the visit only reads the weights: statistics, evaluation): the block's own
+    tensors are put back afterwards instead of copying the device's back, so there is no transfer
+    home and memory-mapped weights stay shared (``block.to`` is then called once).
     """
     home = _home(block)
+    tensors = [*block.parameters(), *block.buffers()]
+    originals = [t.data for t in tensors] if not writes else None
     block.to(device)
+    if release and home == device:  # on the same device .to() kept the mapped tensors: copy them
+        for tensor in tensors:
+            tensor.data = tensor.data.clone()
     try:
         yield block
     finally:
-        block.to(home)
+        if release:
+            block.to("meta")
+        elif originals is not None:
+            for tensor, original in zip(tensors, originals):
+                tensor.data = original
+        else:
+            block.to(home)
 
 
 def propagate(
@@ -363,7 +386,7 @@ def stream_logits(
         for index, block in enumerate(blocks):
             handle = block.register_forward_hook(keep_structure) if index == len(blocks) - 1 else None
             try:
-                with visiting(block, device):
+                with visiting(block, device, writes=False):
                     propagate(block, stream, lambda b, i=index: inputs.kwargs_for(i, b))
             finally:
                 if handle is not None:
