@@ -117,9 +117,11 @@ def test_two_processes_match_single_process(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
     single = single_process()
+    expected_of = {}
     for name, kwargs, nsamples in dist_worker.CONFIGS:
         ckpt = tmp_path / f"single-{name}"
         expected, report = dist_worker.run_config(single, kwargs, nsamples, ckpt)
+        expected_of[name] = expected
         for rank, res in enumerate(ranks):
             got = res[name]["weights"]
             assert got.keys() == expected.keys()
@@ -141,6 +143,13 @@ def test_two_processes_match_single_process(tmp_path):
             a = torch.cat([load_file(dist_ckpt / f)[stream] for f in state["inputs"]["files"]])
             b = load_file(ckpt / single_state["inputs"]["files"][0])[stream]
             assert torch.equal(a, b), stream
+
+    # with release_blocks on rank 1 only: rank 0 still has the single process's model, rank 1 none of it
+    released = ranks[0]["released"]["weights"]
+    expected = expected_of[dist_worker.CONFIGS[0][0]]
+    assert released.keys() == expected.keys()
+    assert all(torch.equal(released[k], w) for k, w in expected.items())
+    assert not ranks[0]["released"]["all_meta"] and ranks[1]["released"]["all_meta"]
 
     for res in ranks:
         assert res["error"] is not None and "b: boom" in res["error"]
