@@ -16,6 +16,7 @@ from .common import (
     DEMO_EVAL_WINDOWS,
     DEMO_NSAMPLES,
     DEMO_SEQLEN,
+    DTYPES,
     HelpFormatter,
     UsageError,
     add_eval_args,
@@ -71,6 +72,13 @@ def add_parser(sub) -> None:
     o.add_argument("--output", default=None, help="output folder (default: a new folder under ./runs/)")
     o.add_argument(
         "--overwrite", action="store_true", help="replace an output folder that holds a complete run"
+    )
+    o.add_argument(
+        "--save-dtype",
+        choices=DTYPES,
+        default="auto",
+        help="dtype of the saved weights; auto: the one the model declares (config.json dtype; bfloat16 for "
+        "a quantized GGUF). The pruned perplexity is measured on the weights rounded to it",
     )
     o.add_argument(
         "--checkpoint-dir", default=None, help="where per-block checkpoints go (default: OUTPUT/checkpoint)"
@@ -217,6 +225,7 @@ def run(args) -> int:
         return 0
 
     # ---- pruned evaluation, outputs ----------------------------------------------------------------
+    round_for_saving(model, args.save_dtype, report.settings)
     pruned_ppl = (
         evaluate(model, tokenizer, eval_data, eval_seqlen, max_windows, device, args.quiet)
         if datasets
@@ -233,6 +242,17 @@ def run(args) -> int:
     print(summary(report, out))
     parallel.barrier()
     return 0
+
+
+def round_for_saving(model, save_dtype: str, settings: dict) -> None:
+    """Round the pruned weights to the dtype they will be saved in, so the pruned perplexity is that of the
+    saved model (loaded back in the dtype it was evaluated in, its weights are bit-identical)."""
+    from ..io import resolve_save_dtype, round_to_dtype
+
+    dtype = resolve_save_dtype(model, save_dtype)
+    settings["save_dtype"] = str(dtype).removeprefix("torch.")
+    if round_to_dtype(model, dtype):
+        log.info("weights rounded to %s, the saved dtype (--save-dtype)", settings["save_dtype"])
 
 
 def evaluate(model, tokenizer, eval_data: dict, seqlen: int, max_windows, device, quiet: bool) -> dict:
@@ -329,6 +349,7 @@ def write_outputs(model, tokenizer, report, out: Path, args, ckpt_dir: Path) -> 
             settings=report.settings,
             overwrite=True,
             extra_files=extra,
+            save_dtype=report.settings["save_dtype"],
         )
     if not in_output and ckpt_dir.exists():
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the checkpoint is no longer needed
