@@ -549,7 +549,8 @@ def save_pruned(
     Contents: safetensors weights and config (with `settings` under the `"alpsprune"` key of config.json),
     the tokenizer (if given), `report.json` (if `report` is given: an object with `to_json(path)` or a
     JSON-serialisable dict), `extra_files` (relative name → bytes, text, or a file `Path` to copy), and last
-    `alpsprune_manifest.json` with the file list and `"complete": true`.
+    `alpsprune_manifest.json` with the file list and `"complete": true`. A report with pruning settings also
+    gives a Hub model card, `README.md` (`alpsprune.modelcard`), unless `extra_files` has one.
 
     Weights are written in `save_dtype`: "auto" is the dtype the checkpoint declares (`declared_dtype`: a
     bfloat16 model pruned in float32 is saved in bfloat16 again), or a float dtype name. The in-memory model
@@ -570,6 +571,12 @@ def save_pruned(
             raise OutputError(f"{out} is not empty and is not an alpsprune output; choose another folder")
     files = _check_extra_names(extra_files or {})
     dtype = resolve_save_dtype(model, save_dtype)
+    if report is not None and "README.md" not in files:  # the Hub model card, unless the caller wrote one
+        from alpsprune.modelcard import default_card
+
+        card = default_card(report)
+        if card is not None:
+            files["README.md"] = card
     if settings is not None:
         try:
             json.dumps(dict(settings))

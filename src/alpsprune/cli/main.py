@@ -37,6 +37,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the model card's command line
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import shutil
 import tempfile
 import time
@@ -81,6 +82,13 @@ def add_parser(sub) -> None:
         "a quantized GGUF). The pruned perplexity is measured on the weights rounded to it",
     )
     o.add_argument(
+        "--push-to-hub",
+        default=None,
+        metavar="REPO",
+        help="upload the output folder to this Hugging Face Hub model repository (USER/NAME), created if needed",
+    )
+    o.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+    o.add_argument(
         "--checkpoint-dir", default=None, help="where per-block checkpoints go (default: OUTPUT/checkpoint)"
     )
     o.add_argument(
@@ -126,6 +134,12 @@ def run(args) -> int:
     for ds in datasets:
         resolve_source(ds)
         check_disjoint(args.calib, args.calib_split, ds, None)
+    if args.push_to_hub:
+        from ..hub import check_push_target
+
+        check_push_target(args.push_to_hub)
+    elif args.private:
+        raise UsageError("--private only applies with --push-to-hub REPO")
     label = f"{args.method}-{spec.label.replace(':', 'of')}"
     out = Path(args.output) if args.output else default_output(args, label)
     ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else out / "checkpoint"
@@ -239,6 +253,10 @@ def run(args) -> int:
     }
     report.extra["total_seconds"] = time.perf_counter() - t_start
     write_outputs(model, tokenizer, report, out, args, ckpt_dir)
+    if args.push_to_hub:
+        from ..hub import push_folder
+
+        report.extra["hub_url"] = push_folder(out, args.push_to_hub, private=args.private or None)
     print(summary(report, out))
     parallel.barrier()
     return 0
@@ -333,6 +351,7 @@ def report_markdown(report) -> str:
 def write_outputs(model, tokenizer, report, out: Path, args, ckpt_dir: Path) -> None:
     """Everything into one temporary folder, then one rename (see :func:`alpsprune.io.save_pruned`)."""
     from ..io import save_pruned
+    from ..modelcard import model_card
     from ..plots import plot_allocation, plot_layers
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -340,6 +359,12 @@ def write_outputs(model, tokenizer, report, out: Path, args, ckpt_dir: Path) -> 
         extra = {"report.md": report_markdown(report), "layers.png": png}
         if report.settings.get("allocation") != "uniform":  # per-layer sparsity: show the choice
             extra["allocation.png"] = plot_allocation(report, Path(tmp) / "allocation.png")
+        extra["README.md"] = model_card(
+            report,
+            command=shlex.join(["alpsprune", *getattr(args, "argv", [])]),
+            images=[name for name in extra if name.endswith(".png")],
+            repo_id=args.push_to_hub,
+        )
         in_output = ckpt_dir.resolve().parent == out.resolve()
         save_pruned(
             model,
@@ -378,7 +403,9 @@ def summary(report, out: Path) -> str:
         lines.append(
             f"  perplexity {name} ({p['windows']}×{p['seqlen']} tokens): {dense}pruned {p['ppl']:.3f}"
         )
-    outputs = ("model.safetensors", "report.json", "report.md", "layers.png", "allocation.png")
+    outputs = ("model.safetensors", "README.md", "report.json", "report.md", "layers.png", "allocation.png")
     shown = [f for f in outputs if (out / f).exists()]
     lines.append(f"  wrote {out}/ ({', '.join(shown)})")
+    if report.extra.get("hub_url"):
+        lines.append(f"  pushed to {report.extra['hub_url']}")
     return "\n".join(lines)
