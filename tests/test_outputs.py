@@ -25,7 +25,8 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
 
 def _saved_dtypes(folder: Path) -> set[str]:
     with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
-        return {str(f.get_slice(k).get_dtype()) for k in f.keys()}
+        names = set(f.keys())  # a safe_open handle is not a dict
+        return {str(f.get_slice(k).get_dtype()) for k in names}
 
 
 @pytest.fixture
@@ -57,14 +58,18 @@ def test_declared_dtype_survives_a_float32_load_and_is_saved(bf16_checkpoint: Pa
     assert json.loads((out32 / "config.json").read_text())["dtype"] == "float32"
     ratio = (out / "model.safetensors").stat().st_size / (out32 / "model.safetensors").stat().st_size
     assert 0.49 < ratio < 0.52
-    assert model.dtype == torch.float32 and model.config.dtype == torch.float32  # the caller's model untouched
+    assert (
+        model.dtype == torch.float32 and model.config.dtype == torch.float32
+    )  # the caller's model untouched
 
     attn = model.config._attn_implementation  # the same attention kernel, so the same code path
     # reloaded in float32: bit-identical to the in-memory model rounded to bfloat16 (same code path)
     rounded = copy.deepcopy(model)
     assert io.round_to_dtype(rounded, torch.bfloat16) > 0
     assert io.round_to_dtype(rounded, torch.bfloat16) == 0  # idempotent
-    reloaded32 = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation=attn).eval()
+    reloaded32 = AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, attn_implementation=attn
+    ).eval()
     for key, value in rounded.state_dict().items():
         assert torch.equal(reloaded32.state_dict()[key], value), key
     assert torch.equal(_logits(reloaded32), _logits(rounded))
@@ -87,7 +92,8 @@ def test_tied_weights_stay_tied_when_cast(tmp_path: Path) -> None:
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
     out = io.save_pruned(model, None, tmp_path / "o", save_dtype="bfloat16")
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
-        assert "lm_head.weight" not in f.keys() and "transformer.wte.weight" in f.keys()
+        names = set(f.keys())
+    assert "lm_head.weight" not in names and "transformer.wte.weight" in names
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert torch.equal(reloaded.lm_head.weight, model.transformer.wte.weight.to(torch.bfloat16).float())
 
@@ -122,7 +128,12 @@ def test_gguf_declared_dtype_from_the_header(tmp_path: Path) -> None:
         w.close()
         return path
 
-    for file_type, expected in [(0, torch.float32), (1, torch.float16), (32, torch.bfloat16), (3, torch.bfloat16)]:
+    for file_type, expected in [
+        (0, torch.float32),
+        (1, torch.float16),
+        (32, torch.bfloat16),
+        (3, torch.bfloat16),
+    ]:
         path = write(f"t{file_type}.gguf", file_type)
         field = gguf.GGUFReader(str(path)).fields["general.file_type"]
         assert int(field.parts[field.data[0]][0]) == io._gguf_file_type(path) == file_type
@@ -227,8 +238,21 @@ def test_cli_writes_bf16_model_card_and_pushes(cli_setup: dict[str, Path], stub_
     pruned_ppl = report["extra"]["perplexity"]["pruned"][key]["ppl"]
     eval_json = cli_setup["root"] / "eval.json"
     code, _, stderr = run_cli(
-        ["eval", str(out), "--dtype", "float32", "--ppl", key, "--seqlen", "64", "--max-windows", "4",
-         "-q", "--output", str(eval_json)]  # fmt: skip
+        [
+            "eval",
+            str(out),
+            "--dtype",
+            "float32",
+            "--ppl",
+            key,
+            "--seqlen",
+            "64",
+            "--max-windows",
+            "4",
+            "-q",
+            "--output",
+            str(eval_json),
+        ]  # fmt: skip
     )
     assert code == 0, stderr
     evaluated = json.loads(eval_json.read_text())
@@ -305,7 +329,9 @@ def test_model_card_header_from_python(tmp_path: Path) -> None:
     settings = {"method": "alps", "sparsity": None, "mask_structure": "2:4", "model": "org/base-model",
                 "sequential": "block", "dense_target": False, "allocation": "uniform", "nsamples": 8,
                 "seqlen": 32}  # fmt: skip
-    out = io.save_pruned(make_tiny_model("llama"), None, tmp_path / "o", report=PruneReport(settings=settings))
+    out = io.save_pruned(
+        make_tiny_model("llama"), None, tmp_path / "o", report=PruneReport(settings=settings)
+    )
     text = (out / "README.md").read_text()
     header = yaml.safe_load(text.split("---\n")[1])
     assert header["base_model"] == "org/base-model" and header["tags"][-1] == "alps"
@@ -320,4 +346,6 @@ def test_model_card_header_from_python(tmp_path: Path) -> None:
     mine = io.save_pruned(make_tiny_model("llama"), None, tmp_path / "m", report=PruneReport(settings=settings),
                           extra_files={"README.md": "mine\n"})  # fmt: skip
     assert (mine / "README.md").read_text() == "mine\n"
-    assert not (io.save_pruned(make_tiny_model("llama"), None, tmp_path / "n", report={"x": 1}) / "README.md").exists()
+    assert not (
+        io.save_pruned(make_tiny_model("llama"), None, tmp_path / "n", report={"x": 1}) / "README.md"
+    ).exists()

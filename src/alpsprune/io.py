@@ -456,7 +456,7 @@ def _drop_gguf_name(config: Any) -> None:
 
 
 def resolve_save_dtype(model: nn.Module, save_dtype: DType = "auto") -> torch.dtype:
-    """"auto": the model's declared dtype (`declared_dtype`); otherwise the named float dtype."""
+    """ "auto": the model's declared dtype (`declared_dtype`); otherwise the named float dtype."""
     if isinstance(save_dtype, str) and save_dtype == "auto":
         return declared_dtype(model)
     try:
@@ -500,7 +500,12 @@ def _cast_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Te
         if not tensor.is_floating_point() or tensor.dtype == dtype:
             out[name] = tensor
             continue
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+        key = (
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tensor.stride(),
+        )
         if key not in cast:
             converted = tensor.to(dtype)
             if not torch.isfinite(converted).all() and torch.isfinite(tensor).all():

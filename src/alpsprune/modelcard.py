@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 CARD_NAME = "README.md"
-BUNDLED_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the checkpoint the bundled GGUF file was made from
+BUNDLED_BASE_MODEL = (
+    "HuggingFaceTB/SmolLM2-135M-Instruct"  # the checkpoint the bundled GGUF file was made from
+)
 BUNDLED_LICENSE = "apache-2.0"
 PIPELINE_TAG = "text-generation"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -127,7 +129,13 @@ def model_card(
     ppl = extra.get("perplexity") or {}
     rows = sorted(set(ppl.get("dense") or {}) | set(ppl.get("pruned") or {}))
     if rows:
-        lines += ["", "## Perplexity", "", "| dataset | dense | pruned | windows × tokens |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "## Perplexity",
+            "",
+            "| dataset | dense | pruned | windows × tokens |",
+            "|---|---|---|---|",
+        ]
         for ds in rows:
             d = (ppl.get("dense") or {}).get(ds, {})
             p = (ppl.get("pruned") or {}).get(ds, {})
