@@ -456,7 +456,7 @@ def _drop_gguf_name(config: Any) -> None:
 
 
 def resolve_save_dtype(model: nn.Module, save_dtype: DType = "auto") -> torch.dtype:
-    """ "auto": the model's declared dtype (`declared_dtype`); otherwise the named float dtype."""
+    """The dtype to save in: the model's declared dtype (`declared_dtype`) for "auto", else the named one."""
     if isinstance(save_dtype, str) and save_dtype == "auto":
         return declared_dtype(model)
     try:
