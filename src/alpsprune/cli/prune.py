@@ -406,6 +406,9 @@ def summary(report, out: Path) -> str:
     outputs = ("model.safetensors", "README.md", "report.json", "report.md", "layers.png", "allocation.png")
     shown = [f for f in outputs if (out / f).exists()]
     lines.append(f"  wrote {out}/ ({', '.join(shown)})")
+    weights = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    if weights:
+        lines.append(f"  weights: {weights / 1e6:.1f} MB in {s.get('save_dtype', 'the model dtype')}")
     if report.extra.get("hub_url"):
         lines.append(f"  pushed to {report.extra['hub_url']}")
     return "\n".join(lines)
