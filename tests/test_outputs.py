@@ -107,6 +107,10 @@ def test_save_dtype_errors(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match="down_proj.weight has values outside float16's range"):
         io.save_pruned(model, None, tmp_path / "b", save_dtype="float16")
     assert not (tmp_path / "b").exists()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(OutputError, match="down_proj.weight has values outside float16's range"):
+        io.round_to_dtype(model, torch.float16)  # before any evaluation, not at the save
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if "layers.0.mlp" not in k)
 
 
 def test_gguf_declared_dtype_from_the_header(tmp_path: Path) -> None:

@@ -478,13 +478,15 @@ def round_to_dtype(model: nn.Module, dtype: torch.dtype) -> int:
     their own dtype, so that evaluating the model scores exactly the weights `save_pruned(save_dtype=dtype)`
     writes (loaded back in the model's dtype they are bit-identical). Returns how many tensors changed."""
     changed = 0
+    tensors = {k: t for k, t in _saved_tensors(model).items() if t.is_floating_point() and t.dtype != dtype}
+    for name, tensor in tensors.items():  # all or nothing: check every tensor before changing any
+        _cast_checked(name, tensor, dtype)
     with torch.no_grad():
-        for tensor in _saved_tensors(model).values():
-            if tensor.is_floating_point() and tensor.dtype != dtype:
-                rounded = tensor.to(dtype).to(tensor.dtype)
-                if not torch.equal(rounded, tensor):
-                    tensor.copy_(rounded)
-                    changed += 1
+        for tensor in tensors.values():
+            rounded = tensor.to(dtype).to(tensor.dtype)
+            if not torch.equal(rounded, tensor):
+                tensor.copy_(rounded)
+                changed += 1
     return changed
 
 
@@ -507,15 +509,20 @@ def _cast_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Te
             tensor.stride(),
         )
         if key not in cast:
-            converted = tensor.to(dtype)
-            if not torch.isfinite(converted).all() and torch.isfinite(tensor).all():
-                raise OutputError(
-                    f"{name} has values outside {str(dtype).removeprefix('torch.')}'s range; save in bfloat16 "
-                    "or float32 instead (--save-dtype)"
-                )
-            cast[key] = converted
+            cast[key] = _cast_checked(name, tensor, dtype)
         out[name] = cast[key]
     return out
+
+
+def _cast_checked(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor.to(dtype)`, refusing to turn finite weights into inf (float16 tops out at 65504)."""
+    converted = tensor.detach().to(dtype)
+    if not torch.isfinite(converted).all() and torch.isfinite(tensor).all():
+        raise OutputError(
+            f"{name} has values outside {str(dtype).removeprefix('torch.')}'s range; save in bfloat16 "
+            "or float32 instead (--save-dtype)"
+        )
+    return converted
 
 
 def _finish_saved_config(path: Path, dtype: torch.dtype) -> None:
