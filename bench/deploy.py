@@ -42,13 +42,17 @@ import torch.nn.functional as F
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def best_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up (allocations, lazy init)
-    best = math.inf
+def interleaved_best(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Best seconds of each function, timed in rounds (every function once per round, back to back), so a
+    shared machine's load shifts all of them alike and their ratios stay meaningful."""
+    for fn in fns.values():
+        fn()  # warm-up (allocations, lazy init)
+    best = dict.fromkeys(fns, math.inf)
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
@@ -92,7 +96,6 @@ def speed_rows(out_f: int, in_f: int, patterns: list[str], batches: list[int], r
     for batch in batches:
         x = torch.randn(batch, in_f, generator=gen)
         x_np = x.numpy().T.copy()  # (in, batch), what scipy's CSR @ dense takes
-        t_dense = best_seconds(lambda x=x: F.linear(x, dense_w), repeats)
         for pattern in patterns:
             if ":" in pattern:
                 n, m = (int(v) for v in pattern.split(":"))
@@ -110,15 +113,17 @@ def speed_rows(out_f: int, in_f: int, patterns: list[str], batches: list[int], r
             }
             if batch == 1:  # the gather materialises batch × out × width values: hopeless beyond one vector
                 results["torch_ell"] = (lambda v=values, c=cols, x=x: ell_apply(v, c, x), None)
-            row = {"batch": batch, "pattern": pattern, "dense_ms": 1e3 * t_dense}
             for name, (fn, _) in results.items():
                 out = fn()
                 out = torch.as_tensor(np.asarray(out)).T if name == "scipy_csr" else out
                 # every format must compute the same product (float32 sums in another order)
                 torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-3)
-                seconds = best_seconds(fn, repeats)
-                row[f"{name}_ms"] = 1e3 * seconds
-                row[f"{name}_speedup"] = t_dense / seconds
+            fns = {"dense": lambda x=x: F.linear(x, dense_w), **{k: fn for k, (fn, _) in results.items()}}
+            best = interleaved_best(fns, repeats)
+            row = {"batch": batch, "pattern": pattern, "dense_ms": 1e3 * best["dense"]}
+            for name in results:
+                row[f"{name}_ms"] = 1e3 * best[name]
+                row[f"{name}_speedup"] = best["dense"] / best[name]
             rows.append(row)
             print(
                 f"batch {batch:>2}  {pattern:>4}  dense {row['dense_ms']:7.2f} ms  "
@@ -126,6 +131,18 @@ def speed_rows(out_f: int, in_f: int, patterns: list[str], batches: list[int], r
                 flush=True,
             )
     return rows
+
+
+def add_batch_best(rows: list[dict]) -> None:
+    """The dense product is the same for every pattern of a batch: its best time over all of them is the
+    steadiest reference on a loaded machine; add each format's speed-up against it too."""
+    for batch in {r["batch"] for r in rows}:
+        same = [r for r in rows if r["batch"] == batch]
+        best = min(r["dense_ms"] for r in same)
+        for r in same:
+            r["dense_best_ms"] = best
+            for key in [k for k in r if k.endswith("_ms") and not k.startswith("dense")]:
+                r[key.removesuffix("_ms") + "_vs_best"] = best / r[key]
 
 
 def layout_bytes(weight: torch.Tensor) -> dict[str, int]:
@@ -199,6 +216,25 @@ def model_storage(folder: Path) -> dict:
     }
 
 
+def speed_table(rows: list[dict]) -> str:
+    """Markdown: ms, and the speed-up against the dense time of the same round and (in brackets) against
+    the batch's best dense time."""
+    lines = [
+        "| batch | pattern | dense ms (best of batch) | torch CSR | scipy CSR | torch ELL |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = [
+            f"{r[f'{k}_ms']:.1f} ms, {r[f'{k}_speedup']:.2f}× ({r[f'{k}_vs_best']:.2f}×)"
+            if f"{k}_ms" in r
+            else "—"
+            for k in ("torch_csr", "scipy_csr", "torch_ell")
+        ]
+        dense = f"{r['dense_ms']:.1f} ({r['dense_best_ms']:.1f})"
+        lines.append(f"| {r['batch']} | {r['pattern']} | {dense} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -228,19 +264,13 @@ def main() -> None:
         "speed": speed_rows(out_f, in_f, patterns, batches, args.repeats),
         "storage": storage_rows(out_f, in_f, patterns),
     }
+    add_batch_best(result["speed"])
     if args.model:
         result["model_storage"] = model_storage(Path(args.model))
         print(json.dumps(result["model_storage"], indent=2))
 
     print()
-    header = "| batch | pattern | dense ms | torch CSR | scipy CSR | torch ELL |"
-    print(header + "\n|---|---|---|---|---|---|")
-    for r in result["speed"]:
-        cells = [
-            f"{r[f'{k}_ms']:.2f} ({r[f'{k}_speedup']:.2f}×)" if f"{k}_ms" in r else "—"
-            for k in ("torch_csr", "scipy_csr", "torch_ell")
-        ]
-        print(f"| {r['batch']} | {r['pattern']} | {r['dense_ms']:.2f} | " + " | ".join(cells) + " |")
+    print(speed_table(result["speed"]))
     print(
         "\n| pattern | bitmask | CSR int16 | zlib -6 | lzma -1 |  (bytes / dense bfloat16)\n|---|---|---|---|---|"
     )
