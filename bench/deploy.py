@@ -245,8 +245,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20, help="timings per case; the best is kept")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--model", default=None, help="also measure the storage of this saved model folder")
+    parser.add_argument(
+        "--model-only",
+        action="store_true",
+        help="with --model: measure only the model's storage and add it to an existing --output JSON",
+    )
     parser.add_argument("--output", default=str(RESULTS / "deploy.json"))
     args = parser.parse_args()
+    if args.model_only:
+        if not args.model:
+            parser.error("--model-only needs --model DIR")
+        result = json.loads(Path(args.output).read_text())
+        result["model_storage"] = model_storage(Path(args.model))
+        print(json.dumps(result["model_storage"], indent=2))
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+        return
 
     torch.set_num_threads(args.threads)
     out_f, in_f = (int(v) for v in args.shape.lower().split("x"))
