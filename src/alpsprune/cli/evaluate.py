@@ -180,8 +180,9 @@ def run(args) -> int:
     model, tokenizer = load_model(
         args.model, dtype=args.dtype, device_map=device_map, max_memory=max_memory, **load_options(args)
     )
-    if device_map is None:  # with a device map accelerate placed the layers (and moves activations)
-        model.to(resolve_device(args.device))
+    # with a device map accelerate placed the layers (and moves activations); without one, perplexity
+    # places the model itself: resident on the device if it fits, else block by block
+    device = resolve_device(args.device) if device_map is None else None
     results: dict = {
         "model": args.model or "bundled:SmolLM2-135M-Instruct",
         "perplexity": {},
@@ -196,6 +197,8 @@ def run(args) -> int:
             max_windows=args.max_windows,
             batch_size=ppl_batch,
             progress=not args.quiet,
+            device=device,
+            offload="auto" if device is not None else False,  # a device map placed the model already
         )
         results["perplexity"][ds] = {
             "ppl": r.ppl,
@@ -205,6 +208,8 @@ def run(args) -> int:
             "seconds": r.seconds,
         }
     if tasks:
+        if device is not None:
+            model.to(device)  # lm-eval runs the whole model's forward: it must fit on the device
         results["lm_eval"] = {
             k: getattr(args, k)
             for k in ("tasks", "num_fewshot", "limit", "batch_size", "apply_chat_template", "output_path")
