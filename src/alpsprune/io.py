@@ -15,7 +15,9 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import tempfile
+import weakref
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -226,6 +228,7 @@ def _load_pretrained(
     except Exception as exc:  # transformers raises OSError/ValueError/HTTP errors alike
         raise ModelError(f"cannot load model {source!r}: {_cause(exc)}{hint}") from exc
     require_decoder_only(config, source)
+    declared = _config_dtype(config)  # read before loading: an explicit `dtype` overwrites it
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, config=config, dtype=dtype, **common, **placement
@@ -240,6 +243,7 @@ def _load_pretrained(
     except Exception as exc:
         raise ModelError(f"cannot load model {source!r}: {_cause(exc)}{hint}") from exc
     model = _finish(model)
+    _remember_declared_dtype(model, declared)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
     except Exception as exc:
@@ -343,7 +347,9 @@ def _load_gguf(
             f"cannot load the converted model cached in {folder}: {_cause(exc)}; delete that folder to convert "
             f"{gguf.name} again"
         ) from exc
-    return _finish(model), tokenizer
+    model = _finish(model)
+    _remember_declared_dtype(model, gguf_declared_dtype(gguf))
+    return model, tokenizer
 
 
 def _gguf_cache_folder(gguf: Path, cache_name: str | None) -> Path:
@@ -372,6 +378,7 @@ def _convert_gguf(gguf: Path, folder: Path, mark: dict[str, Any]) -> None:
     except Exception as exc:
         raise ModelError(f"cannot load GGUF file {gguf}: {_cause(exc)}") from exc
     clear_quantizer_marks(model)
+    _drop_gguf_name(model.config)
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
@@ -385,6 +392,183 @@ def _convert_gguf(gguf: Path, folder: Path, mark: dict[str, Any]) -> None:
         raise ModelError(
             f"cannot write the model cache {folder}: {_cause(exc)}; set ALPSPRUNE_CACHE"
         ) from exc
+
+
+# --- dtypes: load in one, save in the one the checkpoint declares ----------------------------------------
+
+# The dtype each loaded model's checkpoint declares. Loading with an explicit `dtype` (e.g. float32 to prune on a
+# CPU) overwrites `config.dtype`, and a GGUF file declares none, so load_model remembers it here, keyed weakly
+# by the model object (nothing is added to the model or its config).
+_DECLARED_DTYPES: weakref.WeakKeyDictionary[nn.Module, torch.dtype] = weakref.WeakKeyDictionary()
+
+# GGUF `general.file_type` values whose weights are stored unquantized in a float dtype (gguf.LlamaFileType).
+_GGUF_FLOAT_FILE_TYPES = {0: torch.float32, 1: torch.float16, 32: torch.bfloat16}
+_GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # by GGUFValueType
+_GGUF_STRING, _GGUF_ARRAY, _GGUF_UINT32 = 8, 9, 4
+
+
+def _config_dtype(config: Any) -> torch.dtype | None:
+    """`config.dtype` (transformers 5) or `config.torch_dtype` (older configs) as a torch.dtype, if declared."""
+    for key in ("dtype", "torch_dtype"):
+        value = getattr(config, key, None)
+        if isinstance(value, str):
+            value = getattr(torch, value.removeprefix("torch."), None)
+        if isinstance(value, torch.dtype) and value.is_floating_point:
+            return value
+    return None
+
+
+def _remember_declared_dtype(model: nn.Module, dtype: torch.dtype | None) -> None:
+    if dtype is not None:
+        _DECLARED_DTYPES[model] = dtype
+
+
+def declared_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model's checkpoint declares: what `load_model` read from `config.json` (`dtype` or
+    `torch_dtype`) or derived from a GGUF file (see `gguf_declared_dtype`); for a model alpsprune did not load,
+    `model.config.dtype`; failing both, the dtype of its first floating-point parameter."""
+    if model in _DECLARED_DTYPES:
+        return _DECLARED_DTYPES[model]
+    config_dtype = _config_dtype(getattr(model, "config", None))
+    if config_dtype is not None:
+        return config_dtype
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def gguf_declared_dtype(gguf: str | os.PathLike[str]) -> torch.dtype:
+    """The float dtype a GGUF file stands for: its own for unquantized files (F32, F16, BF16), bfloat16 for
+    quantized ones (the dtype of the Hub checkpoints GGUF files are made from; 4-8-bit weights lose nothing
+    in it, and unlike float16 it cannot overflow)."""
+    return _GGUF_FLOAT_FILE_TYPES.get(_gguf_file_type(Path(gguf)), torch.bfloat16)
+
+
+def _gguf_file_type(path: Path) -> int | None:
+    """`general.file_type` from a GGUF header, reading only the key-value section up to that key.
+
+    gguf's own GGUFReader parses every field and tensor (~7 s for the bundled file); the key sits among the
+    first `general.*` keys, so this reads a few hundred bytes. None if absent or not a little-endian GGUF v2+.
+    """
+
+    def read(n: int) -> bytes:
+        data = f.read(n)
+        if len(data) != n:
+            raise EOFError
+        return data
+
+    def skip_value(kind: int) -> None:
+        if kind == _GGUF_STRING:
+            f.seek(struct.unpack("<Q", read(8))[0], os.SEEK_CUR)
+        elif kind == _GGUF_ARRAY:
+            elem, count = struct.unpack("<IQ", read(12))
+            if elem in _GGUF_SCALAR_SIZES:
+                f.seek(_GGUF_SCALAR_SIZES[elem] * count, os.SEEK_CUR)
+            else:
+                for _ in range(count):
+                    skip_value(elem)
+        else:
+            f.seek(_GGUF_SCALAR_SIZES[kind], os.SEEK_CUR)
+
+    try:
+        with open(path, "rb") as f:
+            magic, version = struct.unpack("<4sI", read(8))
+            if magic != b"GGUF" or not 2 <= version < 1 << 16:
+                return None
+            _, n_kv = struct.unpack("<QQ", read(16))
+            for _ in range(n_kv):
+                key = read(struct.unpack("<Q", read(8))[0]).decode("utf-8", "replace")
+                kind = struct.unpack("<I", read(4))[0]
+                if key == "general.file_type" and kind == _GGUF_UINT32:
+                    return int(struct.unpack("<I", read(4))[0])
+                skip_value(kind)
+    except (OSError, EOFError, KeyError, struct.error):
+        return None
+    return None
+
+
+def _drop_gguf_name(config: Any) -> None:
+    """transformers' GGUF loader puts the file's `general.name` into the config as `_model_name_or_path`;
+    it is not a config field and would land in every saved config.json."""
+    if "_model_name_or_path" in getattr(config, "__dict__", {}):
+        delattr(config, "_model_name_or_path")
+
+
+def resolve_save_dtype(model: nn.Module, save_dtype: DType = "auto") -> torch.dtype:
+    """The dtype to save in: the model's declared dtype (`declared_dtype`) for "auto", else the named one."""
+    if isinstance(save_dtype, str) and save_dtype == "auto":
+        return declared_dtype(model)
+    try:
+        resolved = _resolve_dtype(save_dtype)
+    except ModelError:
+        raise OutputError(
+            f"unknown save dtype {save_dtype!r}; use auto, float32, bfloat16 or float16"
+        ) from None
+    assert isinstance(resolved, torch.dtype)
+    return resolved
+
+
+def _saved_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)}
+
+
+def round_to_dtype(model: nn.Module, dtype: torch.dtype) -> int:
+    """Round the model's floating-point weights and buffers in place to the values `dtype` can hold, keeping
+    their own dtype, so that evaluating the model scores exactly the weights `save_pruned(save_dtype=dtype)`
+    writes (loaded back in the model's dtype they are bit-identical). Returns how many tensors changed."""
+    changed = 0
+    tensors = {k: t for k, t in _saved_tensors(model).items() if t.is_floating_point() and t.dtype != dtype}
+    for name, tensor in tensors.items():  # all or nothing: check every tensor before changing any
+        _cast_checked(name, tensor, dtype)
+    with torch.no_grad():
+        for tensor in tensors.values():
+            rounded = tensor.to(dtype).to(tensor.dtype)
+            if not torch.equal(rounded, tensor):
+                tensor.copy_(rounded)
+                changed += 1
+    return changed
+
+
+def _cast_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+    """The state dict with floating-point tensors in `dtype` (None if nothing needs a cast). Tied tensors stay
+    one tensor (transformers finds ties by storage); the model itself is not touched."""
+    state = model.state_dict()
+    if all(not t.is_floating_point() or t.dtype == dtype for t in state.values()):
+        return None
+    cast: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if not tensor.is_floating_point() or tensor.dtype == dtype:
+            out[name] = tensor
+            continue
+        key = (
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tensor.stride(),
+        )
+        if key not in cast:
+            cast[key] = _cast_checked(name, tensor, dtype)
+        out[name] = cast[key]
+    return out
+
+
+def _cast_checked(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor.to(dtype)`, refusing to turn finite weights into inf (float16 tops out at 65504)."""
+    converted = tensor.detach().to(dtype)
+    if not torch.isfinite(converted).all() and torch.isfinite(tensor).all():
+        raise OutputError(
+            f"{name} has values outside {str(dtype).removeprefix('torch.')}'s range; save in bfloat16 "
+            "or float32 instead (--save-dtype)"
+        )
+    return converted
+
+
+def _finish_saved_config(path: Path, dtype: torch.dtype) -> None:
+    """config.json states the saved dtype (transformers writes the in-memory one) and carries no GGUF name."""
+    config = json.loads(path.read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    config.pop("_model_name_or_path", None)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # --- saving --------------------------------------------------------------------------------------------
@@ -533,6 +717,7 @@ def save_pruned(
     settings: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     extra_files: Mapping[str, bytes | str | os.PathLike[str]] | None = None,
+    save_dtype: DType = "auto",
 ) -> Path:
     """Write a pruned model so that `AutoModelForCausalLM.from_pretrained(out_dir)` loads it.
 
@@ -541,7 +726,12 @@ def save_pruned(
     JSON-serialisable dict), `extra_files` (relative name → bytes, text, or a file `Path` to copy), and last
     `alpsprune_manifest.json` with the file list and `"complete": true`. Every file gets mode
     ``0666 & ~umask``. With `overwrite`, only the files of the previous output's manifest are replaced;
-    nothing else in the folder is touched.
+    nothing else in the folder is touched. A report with pruning settings also gives a Hub model card,
+    `README.md` (`alpsprune.modelcard`), unless `extra_files` has one.
+
+    Weights are written in `save_dtype`: "auto" is the dtype the checkpoint declares (`declared_dtype`: a
+    bfloat16 model pruned in float32 is saved in bfloat16 again), or a float dtype name. The in-memory model
+    is not changed; `round_to_dtype(model, dtype)` first makes it score exactly what is saved.
 
     :raises OutputError: `out_dir` already holds a complete run and `overwrite` is False, holds files that
         alpsprune did not write, is `/`, the home folder or contains the current folder, or cannot be written.
@@ -549,6 +739,13 @@ def save_pruned(
     out = Path(out_dir).expanduser()
     check_output_folder(out, overwrite, flag="output folder")
     files = _check_extra_names(extra_files or {})
+    dtype = resolve_save_dtype(model, save_dtype)
+    if report is not None and "README.md" not in files:  # the Hub model card, unless the caller wrote one
+        from alpsprune.modelcard import default_card
+
+        card = default_card(report)
+        if card is not None:
+            files["README.md"] = card
     if settings is not None:
         try:
             json.dumps(dict(settings))
@@ -561,9 +758,12 @@ def save_pruned(
         had_key, previous = hasattr(config, CONFIG_KEY), getattr(config, CONFIG_KEY, None)
         if settings is not None:
             setattr(config, CONFIG_KEY, dict(settings))
+        in_memory = getattr(config, "dtype", None)
         try:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=_cast_state_dict(model, dtype))
+            _finish_saved_config(tmp / "config.json", dtype)
         finally:  # the caller's config is left as it was
+            config.dtype = in_memory  # save_pretrained sets it
             if had_key:
                 setattr(config, CONFIG_KEY, previous)
             elif hasattr(config, CONFIG_KEY):

@@ -1,4 +1,4 @@
-"""``alpsprune`` command line: ``prune``, ``eval`` and ``compare`` sub-commands on the Python API."""
+"""``alpsprune`` command line: ``prune``, ``eval``, ``compare`` and ``inspect`` sub-commands on the Python API."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 import traceback
 
 from ..errors import AlpsPruneError
-from . import compare, evaluate, prune
+from . import compare, evaluate, inspect, prune
 from .common import ArgumentParser, HelpFormatter
 
 DESCRIPTION = """\
@@ -19,6 +19,7 @@ examples:
   alpsprune prune ./model --sparsity 0.7 --calib c4 --eval wikitext2
   alpsprune eval runs/<run> --ppl wiki-excerpt --tasks piqa
   alpsprune compare --methods magnitude,wanda,sparsegpt,alps --sparsities 0.5,0.7,2:4
+  alpsprune inspect runs/<run>                    # per-layer sparsity and N:M of any saved model
 """
 
 
@@ -31,12 +32,14 @@ def build_parser() -> ArgumentParser:
     prune.add_parser(sub)
     evaluate.add_parser(sub)
     compare.add_parser(sub)
+    inspect.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the model card's command line
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import tempfile
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from .common import (
     DEMO_EVAL_WINDOWS,
     DEMO_NSAMPLES,
     DEMO_SEQLEN,
+    DTYPES,
     HelpFormatter,
     UsageError,
     add_eval_args,
@@ -78,6 +80,20 @@ def add_parser(sub) -> None:
         "unfinished run; a folder holding other files is always refused",
     )
     o.add_argument(
+        "--save-dtype",
+        choices=DTYPES,
+        default="auto",
+        help="dtype of the saved weights; auto: the one the model declares (config.json dtype; bfloat16 for "
+        "a quantized GGUF). The pruned perplexity is measured on the weights rounded to it",
+    )
+    o.add_argument(
+        "--push-to-hub",
+        default=None,
+        metavar="REPO",
+        help="upload the output folder to this Hugging Face Hub model repository (USER/NAME), created if needed",
+    )
+    o.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+    o.add_argument(
         "--checkpoint-dir", default=None, help="where per-block checkpoints go (default: OUTPUT/checkpoint)"
     )
     o.add_argument(
@@ -124,6 +140,12 @@ def run(args) -> int:
     for ds in datasets:
         resolve_source(ds)
         check_disjoint(args.calib, args.calib_split, ds, None)
+    if args.push_to_hub:
+        from ..hub import check_push_target
+
+        check_push_target(args.push_to_hub)
+    elif args.private:
+        raise UsageError("--private only applies with --push-to-hub REPO")
     label = f"{args.method}-{spec.label.replace(':', 'of')}"
     out, ckpt_dir = run_folders(args, label, parallel)
 
@@ -214,6 +236,7 @@ def run(args) -> int:
         return 0
 
     # ---- pruned evaluation, outputs ----------------------------------------------------------------
+    round_for_saving(model, args.save_dtype, report.settings)
     pruned_ppl = (
         evaluate(model, tokenizer, eval_data, eval_seqlen, max_windows, device, args.quiet)
         if datasets
@@ -227,9 +250,24 @@ def run(args) -> int:
     }
     report.extra["total_seconds"] = time.perf_counter() - t_start
     write_outputs(model, tokenizer, report, out, args, ckpt_dir)
+    if args.push_to_hub:
+        from ..hub import push_folder
+
+        report.extra["hub_url"] = push_folder(out, args.push_to_hub, private=args.private or None)
     print(summary(report, out))
     parallel.barrier()
     return 0
+
+
+def round_for_saving(model, save_dtype: str, settings: dict) -> None:
+    """Round the pruned weights to the dtype they will be saved in, so the pruned perplexity is that of the
+    saved model (loaded back in the dtype it was evaluated in, its weights are bit-identical)."""
+    from ..io import resolve_save_dtype, round_to_dtype
+
+    dtype = resolve_save_dtype(model, save_dtype)
+    settings["save_dtype"] = str(dtype).removeprefix("torch.")
+    if round_to_dtype(model, dtype):
+        log.info("weights rounded to %s, the saved dtype (--save-dtype)", settings["save_dtype"])
 
 
 def evaluate(model, tokenizer, eval_data: dict, seqlen: int, max_windows, device, quiet: bool) -> dict:
@@ -321,6 +359,7 @@ def write_outputs(model, tokenizer, report, out: Path, args, ckpt_dir: Path) -> 
     :func:`alpsprune.io.save_pruned`); then the checkpoint removes its own files."""
     from ..checkpoint import CheckpointFolder
     from ..io import save_pruned
+    from ..modelcard import model_card
     from ..plots import plot_allocation, plot_layers
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -328,6 +367,12 @@ def write_outputs(model, tokenizer, report, out: Path, args, ckpt_dir: Path) -> 
         extra = {"report.md": report_markdown(report), "layers.png": png}
         if report.settings.get("allocation") != "uniform":  # per-layer sparsity: show the choice
             extra["allocation.png"] = plot_allocation(report, Path(tmp) / "allocation.png")
+        extra["README.md"] = model_card(
+            report,
+            command=shlex.join(["alpsprune", *getattr(args, "argv", [])]),
+            images=[name for name in extra if name.endswith(".png")],
+            repo_id=args.push_to_hub,
+        )
         try:
             save_pruned(
                 model,
@@ -337,6 +382,7 @@ def write_outputs(model, tokenizer, report, out: Path, args, ckpt_dir: Path) -> 
                 settings=report.settings,
                 overwrite=args.overwrite,
                 extra_files=extra,
+                save_dtype=report.settings["save_dtype"],
             )
         except OutputError as exc:  # e.g. files appeared in the folder meanwhile: the work is not lost
             raise OutputError(
@@ -450,7 +496,12 @@ def summary(report, out: Path) -> str:
         lines.append(
             f"  perplexity {name} ({p['windows']}×{p['seqlen']} tokens): {dense}pruned {p['ppl']:.3f}"
         )
-    outputs = ("model.safetensors", "report.json", "report.md", "layers.png", "allocation.png")
+    outputs = ("model.safetensors", "README.md", "report.json", "report.md", "layers.png", "allocation.png")
     shown = [f for f in outputs if (out / f).exists()]
     lines.append(f"  wrote {out}/ ({', '.join(shown)})")
+    weights = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    if weights:
+        lines.append(f"  weights: {weights / 1e6:.1f} MB in {s.get('save_dtype', 'the model dtype')}")
+    if report.extra.get("hub_url"):
+        lines.append(f"  pushed to {report.extra['hub_url']}")
     return "\n".join(lines)
