@@ -515,13 +515,18 @@ def _prune_block(index, block, plan, hidden, dense_stream, inputs, device, store
         parallel.all_reduce_grams(grams)
         calib_seconds += time.perf_counter() - t0
         tasks = [(name, leader) for group in stage for leader in [group[0]] for name in group]
-        results = parallel.solve(
-            tasks,
-            lambda name, leader, grams=grams: _solve_layer(
-                name, layers[name], grams[leader], plan, index, device, bar
-            ),
-            like=lambda name: get_weight(layers[name]),
-        )
+        remaining = {group[0]: len(group) for group in stage}
+
+        def solve(
+            name: str, leader: str, grams: dict[str, Gram] = grams, remaining: dict = remaining
+        ) -> tuple:
+            solved = _solve_layer(name, layers[name], grams[leader], plan, index, device, bar)
+            remaining[leader] -= 1
+            if not remaining[leader]:  # the group's factorisation is no longer needed (memory plan)
+                grams[leader].free()
+            return solved
+
+        results = parallel.solve(tasks, solve, like=lambda name: get_weight(layers[name]))
         for name, _ in tasks:
             weight, record = results[name]
             set_weight(layers[name], weight)
@@ -529,6 +534,7 @@ def _prune_block(index, block, plan, hidden, dense_stream, inputs, device, store
             pruned.add(name)
         for gram in grams.values():
             gram.free()
+        del grams, results  # before the next stage's grams exist
     t0 = time.perf_counter()
     with replay.reusing(pruned, len(hidden), record=False):
         outputs = _propagate(block, hidden, kwargs_of, device, store, replay)

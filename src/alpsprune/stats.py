@@ -48,13 +48,29 @@ def machine_threads(cores: int | None = None, load: float | None = None) -> int:
 
 
 @contextlib.contextmanager
+def using_threads(threads: int | None) -> Iterator[None]:
+    """Within the context, ``threads`` CPU threads for matmuls and factorisations (``None``: unchanged)."""
+    if threads is None:
+        yield
+        return
+    before, before_lapack = torch.get_num_threads(), _LAPACK_THREADS
+    torch.set_num_threads(threads)
+    set_lapack_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        set_lapack_threads(before_lapack)
+
+
+@contextlib.contextmanager
 def lapack_threads(device: torch.device) -> Iterator[None]:
     """Run CPU LAPACK factorisations on the configured thread count (:func:`set_lapack_threads`).
 
     By default they use torch's own thread count, which follows the machine (``--threads`` in the CLI,
     else :func:`machine_threads`); matmuls are unaffected.
     """
-    if device.type != "cpu" or _LAPACK_THREADS is None or _LAPACK_THREADS == torch.get_num_threads():
+    if device.type != "cpu" or _LAPACK_THREADS is None or torch.get_num_threads() == _LAPACK_THREADS:
         yield
         return
     threads = torch.get_num_threads()
