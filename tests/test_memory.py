@@ -362,3 +362,31 @@ def test_plan_json_roundtrip():
     plan = plan_run(load_shape("llama-2-7b"), method="alps")
     data = json.loads(json.dumps(plan.to_dict()))
     assert data["peak_device"] == plan.peak_device and len(data["phases"]) == 5
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_on_cpu(tmp_path):
+    """bench/gpu_check.sh --device cpu: the GPU script's small CPU run, with every phase measured."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "check.json"
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        ["bash", str(root / "bench" / "gpu_check.sh"), "--device", "cpu", "--methods", "sparsegpt", "--output", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["recipe"] for r in rows] == ["faithful", "default"]
+    for row in rows:
+        assert row["status"] == "ok"
+        assert set(row["measured_peak"]) == {"capture", "statistics", "solve", "propagate"}
+        for phase, peak in row["measured_peak"].items():
+            assert 0.5 < row["planned_peak"][phase] / peak < 1.5  # small run: the process baseline dominates

@@ -685,8 +685,8 @@ class RunPlan:
     """The plans of a run for each activation placement, the memory budget and the placement chosen."""
 
     plans: dict[str, MemoryPlan]
-    budget: int
-    placement: str | None  # None: nothing fits
+    budget: int | None  # None: unknown (planning for a GPU this machine does not have)
+    placement: str | None  # None: nothing fits (or no budget)
 
     @property
     def chosen(self) -> MemoryPlan:
@@ -704,6 +704,13 @@ class RunPlan:
                     f"host peak {other.peak_host / GiB:.2f} GiB"
                 )
         what = "RAM" if cpu else f"{plan.device_type} memory"
+        if self.budget is None:
+            for gib in (80, 24):
+                fits = choose_placement(self.plans, gib * GiB)
+                choice = f"activations on the {fits}" if fits else "does NOT fit even with offloading"
+                lines.append(f"on a {gib} GB GPU: {choice}")
+            lines.append("budget: no GPU here (pass --max-memory for a verdict on another size)")
+            return "\n".join(lines)
         verdict = (
             f"fits: activations on the {self.placement}"
             if self.placement and not cpu
@@ -786,6 +793,8 @@ def plan_cli_run(
         budget = parse_memory(max_memory)
     elif dev.type == "cuda" and torch.cuda.is_available():
         budget = available_memory("cuda", dev.index) + CUDA_CONTEXT  # the context is already taken
+    elif dev.type == "cuda":
+        return RunPlan(plans, None, None)
     else:
         budget = available_memory(dev.type)
     return RunPlan(plans, budget, choose_placement(plans, budget))

@@ -115,8 +115,9 @@ def run(args) -> int:
     sequential, dense_target, _ = resolve_recipe(args.method, spec, **pipeline_options(args))
     check_regexes(args.targets, args.ignore)
     device = default_device(parallel) if args.device == "auto" else args.device
-    check_device(device)
-    check_dtype(args.dtype, device)
+    if not (args.dry_run and str(device).startswith("cuda")):  # a GPU can be planned for without one
+        check_device(device)
+        check_dtype(args.dtype, device)
     run_plan = memory_plan(args, nsamples, seqlen, device, parallel.world_size, sequential, dense_target)
     if args.dry_run:
         print(run_plan.describe())
@@ -269,7 +270,7 @@ def memory_plan(args, nsamples, seqlen, device, world_size, sequential, dense_ta
             batch_size=args.batch_size,
             dtype=args.dtype,
             world_size=world_size,
-            device=str(resolve_device(device)),
+            device=str(device) if args.dry_run else str(resolve_device(device)),
             max_memory=args.max_memory,
             offload=args.offload_activations,
             precision_bytes=8 if opts.get("precision") == "float64" else 4,
