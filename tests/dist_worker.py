@@ -15,6 +15,8 @@ CONFIGS = [
         5,
     ),
     ("alps-2of4-faithful", {"method": "alps", "mask_structure": "2:4", "faithful": True}, 4),
+    # ALPS's default recipe above 60%: OWL's statistics pass sharded over the ranks like calibration
+    ("alps-owl-dense-target", {"method": "alps", "sparsity": 0.7, "batch_size": 1}, 5),
 ]
 
 

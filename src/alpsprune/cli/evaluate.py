@@ -86,7 +86,7 @@ def run(args) -> int:
     from ..pipeline import resolve_device
 
     model, tokenizer = load_model(args.model, dtype=args.dtype)
-    model.to(resolve_device(args.device))
+    device = resolve_device(args.device)
     results: dict = {
         "model": args.model or "bundled:SmolLM2-135M-Instruct",
         "perplexity": {},
@@ -101,6 +101,8 @@ def run(args) -> int:
             max_windows=args.max_windows,
             batch_size=args.batch_size,
             progress=not args.quiet,
+            device=device,
+            offload="auto",  # resident when the weights fit on the device, else block by block
         )
         results["perplexity"][ds] = {
             "ppl": r.ppl,
@@ -110,6 +112,7 @@ def run(args) -> int:
             "seconds": r.seconds,
         }
     if tasks:
+        model.to(device)  # lm-eval runs the whole model's forward: it must fit on the device
         results["zero_shot"] = zero_shot(
             model,
             tokenizer,

@@ -284,8 +284,9 @@ def memory_plan(args, nsamples, seqlen, device, world_size, sequential, dense_ta
 
 
 def evaluate(model, tokenizer, eval_data: dict, seqlen: int, max_windows, device, quiet: bool) -> dict:
-    """Perplexity per dataset on the compute device. On a GPU the weights stay on the CPU and one
-    block at a time visits the device (like pruning), so any model that can be pruned can be scored."""
+    """Perplexity per dataset on the compute device: the model is moved there once if it fits,
+    else each block visits the device once for all windows (like pruning), so any model that can
+    be pruned can be scored."""
     from ..evaluation import perplexity
     from ..pipeline import resolve_device
 
@@ -304,7 +305,7 @@ def evaluate(model, tokenizer, eval_data: dict, seqlen: int, max_windows, device
             max_windows=max_windows,
             progress=not quiet,
             device=dev,
-            offload=dev.type != "cpu",
+            offload="auto",
         )
         results[name] = {"ppl": r.ppl, "windows": r.windows, "seqlen": r.seqlen, "seconds": r.seconds}
         log.info("perplexity %s: %.3f (%d windows of %d)", name, r.ppl, r.windows, r.seqlen)
