@@ -29,10 +29,10 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 # pipeline functions per phase (names in alpsprune.pipeline; missing ones are skipped)
 PHASE_FUNCTIONS = {
-    "capture": ("capture_block_inputs",),
+    "capture": ("capture_stream", "capture_block_inputs"),
     "statistics": ("input_groups", "collect_grams", "capture_layer_inputs"),
     "solve": ("_solve_layer",),
-    "propagate": ("_propagate",),
+    "propagate": ("propagate", "_propagate"),
 }
 
 

@@ -12,7 +12,8 @@ rank, ``t`` tokens of one batch, ``h`` hidden, ``i`` intermediate width):
 
 - **capture** — embeddings (and everything outside the blocks) on the device, the hidden stream
   ``T·h·a`` where activations live.
-- **statistics** — one block on the device; the activation streams (``T·h·a`` each: the pruned stream,
+- **statistics** — one block on the device (with the dense target also the original weights of the
+  layers already pruned, for the dense stream's later passes); the activation streams (``T·h·a`` each: the pruned stream,
   plus the dense stream for the dense-output target) where activations live; the grams of the
   stage (faithful: every distinct input of the block at once; sub-layer: one input at a time, plus
   its cross term for the dense target) as float64 ``in²`` sums; one batch's forward temporaries and
@@ -461,6 +462,16 @@ def plan_run(
     max_in = max(groups.values())
     batch_stats = t * max_in * 4 * (2 if dense_target else 1) + max_in * max_in * 4
 
+    # the dense target keeps the original weights of the layers pruned before the block's last stage
+    # (the dense stream's later passes compute with them), on the device next to the block
+    last_group = list(groups)[-1]
+    dense_weights = (
+        sum(lin.out_features * lin.in_features for lin in shape.linears() if lin.group != last_group) * a
+        if dense_target
+        else 0
+    )
+    kept = {"dense weights": dense_weights} if dense_target else {}
+
     phases = [
         phase(
             "capture",
@@ -469,7 +480,7 @@ def plan_run(
         ),
         phase(
             "statistics",
-            {"block": block, "grams": grams_peak, "batch temporaries": forward + batch_stats},
+            {"block": block, **kept, "grams": grams_peak, "batch temporaries": forward + batch_stats},
             streams,
         ),
     ]
@@ -488,7 +499,7 @@ def plan_run(
             if total > worst:
                 worst = total
                 worst_terms = {"grams": grams, f"workspace ({lin.name})": solve_bytes(lin)}
-    phases.append(phase("solve", {"block": block, **worst_terms}, streams))
+    phases.append(phase("solve", {"block": block, **kept, **worst_terms}, streams))
     phases.append(
         phase(
             "propagate",

@@ -270,7 +270,9 @@ def memory_plan(args, nsamples, seqlen, device, world_size, sequential, dense_ta
             batch_size=args.batch_size,
             dtype=args.dtype,
             world_size=world_size,
-            device=str(device) if args.dry_run else str(resolve_device(device)),
+            device=str(device)
+            if args.dry_run and str(device).startswith("cuda")
+            else str(resolve_device(device)),
             max_memory=args.max_memory,
             offload=args.offload_activations,
             precision_bytes=8 if opts.get("precision") == "float64" else 4,
