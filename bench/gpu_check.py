@@ -109,7 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", default="alps,sparsegpt")
     p.add_argument("--recipes", default="faithful,default")
     p.add_argument("--sparsity", type=float, default=0.7)
-    p.add_argument("--max-iter", type=int, default=None, help="ALPS iteration cap (memory does not depend on it)")
+    p.add_argument(
+        "--max-iter", type=int, default=None, help="ALPS iteration cap (memory does not depend on it)"
+    )
     p.add_argument("--output", type=Path, default=RESULTS / "gpu_check.json")
     args = p.parse_args(argv)
 
@@ -131,7 +133,9 @@ def main(argv: list[str] | None = None) -> None:
         "tie_word_embeddings": False,
     }
     dtype = getattr(torch, args.dtype)
-    shape = ModelShape.from_config({**cfg, "model_type": "llama"}, f"llama h{args.hidden} i{args.intermediate}")
+    shape = ModelShape.from_config(
+        {**cfg, "model_type": "llama"}, f"llama h{args.hidden} i{args.intermediate}"
+    )
     rates = device_rates(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     rows = []
     for method in args.methods.split(","):
@@ -142,7 +146,11 @@ def main(argv: list[str] | None = None) -> None:
             meter = PhaseMeter(device)
             found = instrument(meter)
             options = {"max_iter": args.max_iter} if method == "alps" and args.max_iter else {}
-            pipeline_opts = {"faithful": True} if recipe == "faithful" else {"dense_target": True, "allocation": "uniform"}
+            pipeline_opts = (
+                {"faithful": True}
+                if recipe == "faithful"
+                else {"dense_target": True, "allocation": "uniform"}
+            )
             t0 = time.perf_counter()
             try:
                 alpsprune.prune_model(
@@ -172,7 +180,9 @@ def main(argv: list[str] | None = None) -> None:
                 device_type=device.type,
                 device_flops=rates,
             )
-            planned = {ph.name: (ph.device if device.type == "cuda" else ph.device + ph.host) for ph in plan.phases}
+            planned = {
+                ph.name: (ph.device if device.type == "cuda" else ph.device + ph.host) for ph in plan.phases
+            }
             row = {
                 "method": method,
                 "recipe": recipe,

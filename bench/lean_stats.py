@@ -71,8 +71,19 @@ def main(argv: list[str] | None = None) -> None:
         for pattern in args.patterns.split(","):
             e32 = sparsegpt_error(pair, pattern, None)
             e64 = sparsegpt_error(pair, pattern, torch.float64)
-            rows.append({"layer": pair.short, "pattern": pattern, "float32": e32, "float64": e64, "rel": e32 / e64 - 1})
-            print(f"{pair.short:<16} {pattern:>4}  float32 {e32:.5e}  float64 {e64:.5e}  {e32 / e64 - 1:+.3%}", flush=True)
+            rows.append(
+                {
+                    "layer": pair.short,
+                    "pattern": pattern,
+                    "float32": e32,
+                    "float64": e64,
+                    "rel": e32 / e64 - 1,
+                }
+            )
+            print(
+                f"{pair.short:<16} {pattern:>4}  float32 {e32:.5e}  float64 {e64:.5e}  {e32 / e64 - 1:+.3%}",
+                flush=True,
+            )
     rel = [r["rel"] for r in rows]
     summary = {
         "sparsegpt_max_abs_rel_change": max(abs(x) for x in rel),

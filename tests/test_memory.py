@@ -375,7 +375,16 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
     out = tmp_path / "check.json"
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        ["bash", str(root / "bench" / "gpu_check.sh"), "--device", "cpu", "--methods", "sparsegpt", "--output", str(out)],
+        [
+            "bash",
+            str(root / "bench" / "gpu_check.sh"),
+            "--device",
+            "cpu",
+            "--methods",
+            "sparsegpt",
+            "--output",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         env=env,
