@@ -281,6 +281,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--output", type=Path, default=RESULTS / "memory.json")
     p.add_argument("--tag", default="", help="label stored with the results (e.g. which pipeline)")
+    p.add_argument(
+        "--repredict",
+        type=Path,
+        default=None,
+        help="recompute the predictions (and plot) for the measured rows of an earlier memory.json",
+    )
     args = p.parse_args(argv)
     if args.child:
         child(json.loads(args.child))
@@ -290,9 +296,21 @@ def main(argv: list[str] | None = None) -> None:
     if args.plans:
         return
     rows = []
-    for shape, method, recipe, nsamples, seqlen in QUICK_SWEEP if args.quick else FULL_SWEEP:
+    earlier = json.loads(args.repredict.read_text())["rows"] if args.repredict else None
+    sweep = QUICK_SWEEP if args.quick else FULL_SWEEP
+    if earlier is not None:
+        sweep = [(r["shape"], r["method"], r["recipe"], r["nsamples"], r["seqlen"]) for r in earlier]
+    for number, (shape, method, recipe, nsamples, seqlen) in enumerate(sweep):
         pred = predict(shape, method, recipe, nsamples, seqlen)
-        got = measure(shape, method, recipe, nsamples, seqlen)
+        if earlier is not None:
+            old = earlier[number]
+            got = {
+                "ru_maxrss": old["measured"],
+                "rss_after_build": old.get("rss_after_build"),
+                "seconds": old["seconds"],
+            }
+        else:
+            got = measure(shape, method, recipe, nsamples, seqlen)
         row = {
             "shape": shape,
             "method": method,
