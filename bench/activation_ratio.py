@@ -127,8 +127,11 @@ def main() -> None:
         name = recipe.replace("replay=", "")
         got = measure(name, args)
         rows.append({"recipe": recipe, **got, "streams": got["peak_bytes"] / stream})
-        print(f"{recipe:24s} peak {got['peak_bytes'] / 2**20:8.0f} MiB = {rows[-1]['streams']:5.2f} streams  "
-              f"({got['seconds']:.0f} s)", flush=True)
+        print(
+            f"{recipe:24s} peak {got['peak_bytes'] / 2**20:8.0f} MiB = {rows[-1]['streams']:5.2f} streams  "
+            f"({got['seconds']:.0f} s)",
+            flush=True,
+        )
     faithful = next((r for r in rows if r["recipe"] == "faithful"), None)
     if faithful:
         for r in rows:

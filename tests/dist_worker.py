@@ -56,6 +56,14 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         weights, report = run_config(parallel, kwargs, nsamples, out / f"ckpt-{name}-rank{rank}")
         results[name] = {"weights": weights, "records": [r.name for r in report.layers]}
 
+    # the CLI frees each block on ranks other than 0 once it is pruned: rank 0's model is unchanged
+    name, kwargs, nsamples = CONFIGS[0]
+    weights, _ = run_config(parallel, {**kwargs, "release_blocks": not parallel.is_main}, nsamples, None)
+    results["released"] = {
+        "weights": weights if parallel.is_main else None,
+        "all_meta": all(w.device.type == "meta" for w in weights.values()),
+    }
+
     # a failing solve on one rank stops every rank at the same task, with the layer's message
     def fn(name, leader):
         if name == "b":

@@ -116,9 +116,11 @@ def test_two_processes_match_single_process(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
     single = single_process()
+    expected_of = {}
     for name, kwargs, nsamples in dist_worker.CONFIGS:
         ckpt = tmp_path / f"single-{name}"
         expected, report = dist_worker.run_config(single, kwargs, nsamples, ckpt)
+        expected_of[name] = expected
         for rank, res in enumerate(ranks):
             got = res[name]["weights"]
             assert got.keys() == expected.keys()
@@ -135,6 +137,13 @@ def test_two_processes_match_single_process(tmp_path):
         b = torch.load(ckpt / state["inputs_file"], weights_only=True)
         assert len(a["hidden"]) == len(b["hidden"])
         assert all(torch.equal(x, y) for x, y in zip(a["hidden"], b["hidden"]))
+
+    # with release_blocks on rank 1 only: rank 0 still has the single process's model, rank 1 none of it
+    released = ranks[0]["released"]["weights"]
+    expected = expected_of[dist_worker.CONFIGS[0][0]]
+    assert released.keys() == expected.keys()
+    assert all(torch.equal(released[k], w) for k, w in expected.items())
+    assert not ranks[0]["released"]["all_meta"] and ranks[1]["released"]["all_meta"]
 
     for res in ranks:
         assert res["error"] is not None and "b: boom" in res["error"]

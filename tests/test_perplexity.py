@@ -74,7 +74,7 @@ def test_training_mode_restored(model, tok):
 
 
 def _count_block_moves(model) -> list[int]:
-    """Count ``.to(...)`` calls on every decoder block (one visit = one move in + one move back)."""
+    """Count ``.to(...)`` calls on every decoder block (a read-only visit = one move to the device)."""
     from alpsprune.models import find_decoder_blocks
 
     _, blocks = find_decoder_blocks(model)
@@ -112,7 +112,7 @@ def test_offloaded_evaluation_streams_blocks(arch):
             offload_activations=place,
             device="cpu",
         )
-        assert counts == [2] * len(counts), counts  # in and back, once, for 5 windows
+        assert counts == [1] * len(counts), counts  # one visit for 5 windows (its own tensors put back)
         assert off.windows == plain.windows == 5
         assert off.ppl == pytest.approx(plain.ppl, rel=1e-6)
     assert all(p.device.type == "cpu" for p in model.parameters())

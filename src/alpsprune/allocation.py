@@ -450,7 +450,7 @@ def allocate(
     try:
         for index, block in enumerate(blocks):
             block_layers = layers[index]
-            with visiting(block, device):
+            with visiting(block, device, writes=False):  # the dense model: read only
                 stats = _dense_block_pass(
                     block,
                     block_layers,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -306,6 +307,7 @@ def collect_grams(
     replay: BlockReplay | None = None,
     dense_weights: DenseWeights | None = None,
     advance_dense: bool = False,
+    dense_inputs: list[dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, Gram]:
     """One Gram per group (keyed by the group's first layer) over all calibration batches.
 
@@ -315,15 +317,18 @@ def collect_grams(
     dense passes run to the end of the block and replace the dense stream's batches by the block's
     outputs (for the block's last stage). Each pruned-stream forward stops as soon as every group
     has its input. ``replay`` (set up by the caller) gets the batch index before each forward and
-    is paused during dense passes.
+    is paused during dense passes. ``dense_inputs`` (per batch, leader → dense input; the stored
+    alternative to recomputing, see :func:`store_dense_inputs`) replaces the dense passes; the
+    entries used are removed.
     """
     leaders = {g[0]: layers[g[0]] for g in groups}
     grams = {name: Gram(get_weight(m).shape[1], device=device) for name, m in leaders.items()}
     pending: set[str] = set()
     dense_x: dict[str, torch.Tensor] = {}
+    with_dense = dense is not None or dense_inputs is not None
 
     def accumulate(name: str, x: torch.Tensor) -> None:
-        grams[name].add_batch(x, dense_x[name] if dense is not None else None)
+        grams[name].add_batch(x, dense_x[name] if with_dense else None)
         pending.discard(name)
         if not pending:
             raise _StopForward
@@ -331,7 +336,9 @@ def collect_grams(
     with torch.no_grad():
         for batch_index in range(len(hidden)):
             kwargs = kwargs_of(batch_index)
-            if dense is not None:
+            if dense_inputs is not None:
+                dense_x = {name: dense_inputs[batch_index].pop(name).to(device) for name in leaders}
+            elif dense is not None:
                 with (
                     replay.paused() if replay is not None else contextlib.nullcontext(),
                     dense_weights.active() if dense_weights is not None else contextlib.nullcontext(),
@@ -348,6 +355,35 @@ def collect_grams(
                 run_block(block, hidden.fetch(batch_index), dict(kwargs))
             dense_x = {}
     return grams
+
+
+def store_dense_inputs(
+    block: nn.Module,
+    leaders: dict[str, nn.Module],
+    dense: ActivationStream,
+    kwargs_of: Callable[[int], dict],
+    store: torch.device,
+) -> list[dict[str, torch.Tensor]]:
+    """One pass of the (still dense) block over the dense stream: every leader's input per batch,
+    kept on ``store``, and the dense stream advanced past the block in place.
+
+    The fast alternative to recomputing the dense inputs stage by stage, for when memory allows:
+    it holds all the block's distinct layer inputs over all batches (≈ 5.7 hidden streams for a
+    LLaMA-2-7B block), dropped stage by stage as they are used.
+    """
+    stored = []
+    for b in range(len(dense)):
+        captured, output = dense_layer_inputs(block, leaders, dense.fetch(b), kwargs_of(b), run_to_end=True)
+        stored.append({name: x.to(store) for name, x in captured.items()})
+        dense.put(b, output)
+    return stored
+
+
+def dense_input_bytes(layers: dict[str, nn.Module], groups: list[list[str]], stream: ActivationStream) -> int:
+    """Bytes :func:`store_dense_inputs` would hold: every leader's input width over all tokens."""
+    tokens = sum(math.prod(stream.batch_shape(b)[:-1]) for b in range(len(stream)))
+    width = sum(get_weight(layers[g[0]]).shape[1] for g in groups)
+    return tokens * width * stream.element_size
 
 
 # ---- the loop -------------------------------------------------------------------------------------
@@ -370,6 +406,7 @@ def prune_model(
     offload_activations: bool | str = False,
     offload_dir=None,
     replay_memory: int | None = 0,
+    release_blocks: bool = False,
     batch_size: int = 1,
     progress: bool = True,
     checkpoint_dir=None,
@@ -410,6 +447,10 @@ def prune_model(
         :mod:`alpsprune.models.replay`). ``0`` (default): off — nothing but the streams outlives a
         batch; ``None``: no limit (fastest; about 6 hidden streams for a LLaMA block). Results are
         bit-identical whatever the budget.
+    :param release_blocks: free every block after it is pruned (its weights end on the ``meta``
+        device): for torchrun ranks other than 0, which only help compute (rank 0 keeps, evaluates
+        and saves the pruned model), so that each holds one block instead of a whole pruned copy
+        (:func:`alpsprune.streaming.visiting`). The returned report is complete; the model is not.
     :param batch_size: calibration samples per forward pass.
     :param checkpoint_dir: save progress after every block there (see :mod:`alpsprune.checkpoint`).
     :param resume: continue from the last completed block in ``checkpoint_dir``.
@@ -486,7 +527,7 @@ def prune_model(
     first_block = 0
     if resume:
         first_block, hidden, dense_stream, report = _resume(
-            checkpoint_dir, settings, calibration, plan, parallel, placement
+            checkpoint_dir, settings, calibration, plan, parallel, placement, release_blocks
         )
         inputs.hidden = hidden
 
@@ -501,7 +542,7 @@ def prune_model(
     try:
         for index in range(first_block, n_blocks):
             t_block = time.perf_counter()
-            with visiting(plan.blocks[index], device) as block:
+            with visiting(plan.blocks[index], device, release=release_blocks) as block:
                 records, calib_seconds = _prune_block(
                     index,
                     block,
@@ -556,9 +597,20 @@ def _prune_block(
     replay = BlockReplay(block, layers, device, placement.store, budget=replay_memory)
     with torch.no_grad():
         groups = input_groups(block, layers, hidden.fetch(0), kwargs_of(0), replay)
-    dense_weights = DenseWeights() if dense_stream is not None else None
-    calib_seconds = time.perf_counter() - t0
     stages = [groups] if sequential == "block" else [[g] for g in groups]
+    dense_weights = dense_inputs = None
+    if dense_stream is not None:
+        # store the dense layer inputs (one dense pass) when the replay budget has room for them,
+        # else recompute them stage by stage from the dense stream (nothing outlives a batch)
+        need = dense_input_bytes(layers, groups, dense_stream)
+        if replay_memory is None or need <= replay_memory:
+            leaders = {g[0]: layers[g[0]] for g in groups}
+            with torch.no_grad():
+                dense_inputs = store_dense_inputs(block, leaders, dense_stream, kwargs_of, placement.store)
+            replay.budget = None if replay_memory is None else replay_memory - need
+        else:
+            dense_weights = DenseWeights()
+    calib_seconds = time.perf_counter() - t0
     records: list[LayerRecord] = []
     pruned: set[str] = set()
     for number, stage in enumerate(stages):
@@ -572,10 +624,11 @@ def _prune_block(
                 hidden,
                 kwargs_of,
                 device,
-                dense_stream,
+                dense_stream if dense_inputs is None else None,
                 replay,
                 dense_weights,
-                advance_dense=last,
+                advance_dense=last and dense_inputs is None,
+                dense_inputs=dense_inputs,
             )
         parallel.all_reduce_grams(grams)
         calib_seconds += time.perf_counter() - t0
@@ -677,11 +730,14 @@ def _check_calibration(calibration: torch.Tensor, model: nn.Module) -> None:
         )
 
 
-def _resume(checkpoint_dir, settings, calibration, plan, parallel, placement):
+def _resume(checkpoint_dir, settings, calibration, plan, parallel, placement, release_blocks=False):
     from .checkpoint import load_checkpoint
 
     state = load_checkpoint(checkpoint_dir, settings, calibration)
     for index in range(state.next_block):
+        if release_blocks:  # finished blocks are not needed here: free them instead of loading them
+            plan.blocks[index].to("meta")
+            continue
         for name, weight in state.weights_for(index).items():
             set_weight(plan.layers[index][name], weight)
     hidden = ActivationStream(parallel.shard_list(state.hidden), placement)
@@ -693,9 +749,12 @@ def _resume(checkpoint_dir, settings, calibration, plan, parallel, placement):
 
 
 def model_sparsity(model: nn.Module) -> float:
-    """Fraction of exactly-zero entries over all parameters of the model."""
+    """Fraction of exactly-zero entries over all parameters of the model (released ones, on the
+    ``meta`` device, are left out)."""
     zeros = total = 0
     for p in model.parameters():
+        if p.device.type == "meta":
+            continue
         zeros += int((p == 0).sum())
         total += p.numel()
     return zeros / total if total else 0.0

@@ -81,7 +81,8 @@ class _DiskBatch:
 
         self.path = directory / f"batch-{uuid.uuid4().hex}.safetensors"
         save_file({"h": tensor.detach().contiguous().cpu()}, str(self.path))
-        self.nbytes = tensor.numel() * tensor.element_size()
+        self.element_size = tensor.element_size()
+        self.nbytes = tensor.numel() * self.element_size
         self.shape = tuple(tensor.shape)
         weakref.finalize(self, _unlink, self.path)
 
@@ -157,6 +158,14 @@ class ActivationStream(Sequence):
         return item.shape if isinstance(item, _DiskBatch) else tuple(item.shape)
 
     @property
+    def element_size(self) -> int:
+        """Bytes per element of the batches (0 for an empty stream)."""
+        if not self._items:
+            return 0
+        item = self._items[0]
+        return item.element_size if isinstance(item, _DiskBatch) else item.element_size()
+
+    @property
     def nbytes(self) -> int:
         """Bytes held by the batches (wherever they live; shared batches counted in each stream)."""
         return sum(
@@ -222,19 +231,42 @@ def _home(block: nn.Module) -> torch.device:
 
 
 @contextlib.contextmanager
-def visiting(block: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+def visiting(
+    block: nn.Module, device: torch.device, release: bool = False, writes: bool = True
+) -> Iterator[nn.Module]:
     """The block on ``device`` for the duration (one move in, one move back: one *visit*).
 
     Every pass over all batches of a stream happens inside one visit; callers never move blocks
     per batch. The move calls ``block.to`` exactly twice, also when the block already lives on
     ``device`` (a no-op then), so visits can be counted on a CPU-only machine.
+
+    ``release``: the process needs the block no more after this visit (a torchrun rank other than
+    0: only rank 0 keeps the pruned model). The block works on private copies of its weights and
+    ends on the ``meta`` device, so the process's memory holds one block, never the whole pruned
+    model. Weights loaded from safetensors are memory-mapped (and shared between the ranks of a
+    machine through the page cache) as long as nobody writes to them: the private copies keep it so.
+
+    ``writes=False`` (the visit only reads the weights: statistics, evaluation): the block's own
+    tensors are put back afterwards instead of copying the device's back, so there is no transfer
+    home and memory-mapped weights stay shared (``block.to`` is then called once).
     """
     home = _home(block)
+    tensors = [*block.parameters(), *block.buffers()]
+    originals = [t.data for t in tensors] if not writes else None
     block.to(device)
+    if release and home == device:  # on the same device .to() kept the mapped tensors: copy them
+        for tensor in tensors:
+            tensor.data = tensor.data.clone()
     try:
         yield block
     finally:
-        block.to(home)
+        if release:
+            block.to("meta")
+        elif originals is not None:
+            for tensor, original in zip(tensors, originals):
+                tensor.data = original
+        else:
+            block.to(home)
 
 
 def propagate(
@@ -282,9 +314,12 @@ def activation_bytes(
 
     * ``capture``: ``S + B`` (block-0 inputs, one batch being embedded);
     * ``prune`` (statistics, solve, propagate of one block): ``S + B`` for the pruned stream, plus
-      ``S + B`` for the dense stream with ``dense_target``, plus the replay cache (at most
-      ``replay_memory``), plus, with ``dense_target``, a copy of the block's dense target weights
-      (``block_target_bytes``, on the compute device) for the dense passes;
+      ``S + B`` for the dense stream with ``dense_target``, plus at most ``replay_memory`` for the
+      caches (the replay cache, and, when the budget has room for them, the dense block's layer
+      inputs over all batches: ``Σ_groups in_features × nsamples × seqlen × dtype_bytes``, e.g.
+      ``(3·hidden + intermediate)/hidden`` streams for LLaMA), plus, with ``dense_target`` and the
+      dense inputs recomputed, a copy of the block's dense target weights (``block_target_bytes``,
+      on the compute device; a bound: the last stage's layers are not copied);
     * ``allocate``: ``S + B`` (one dense stream);
     * ``evaluate``: ``S + B`` with the windows in place of the calibration samples.
 
@@ -351,7 +386,7 @@ def stream_logits(
         for index, block in enumerate(blocks):
             handle = block.register_forward_hook(keep_structure) if index == len(blocks) - 1 else None
             try:
-                with visiting(block, device):
+                with visiting(block, device, writes=False):
                     propagate(block, stream, lambda b, i=index: inputs.kwargs_for(i, b))
             finally:
                 if handle is not None:

@@ -219,6 +219,7 @@ def run(args) -> int:
         checkpoint_dir=ckpt_dir,
         resume=args.resume,
         parallel=parallel,
+        release_blocks=not parallel.is_main,  # rank 0 alone keeps, evaluates and saves the model
         **solver_opts,
     )
     report.settings.update(
