@@ -559,7 +559,9 @@ def plan_run(
 
 
 def cpu_flops() -> tuple[float, float]:
-    """A quick measurement (≈0.1 s) of this CPU's float32 matmul rate; ``ALPSPRUNE_CPU_FLOPS`` overrides."""
+    """This CPU's float32 matmul rate (≈0.1 s to measure): one thread's rate measured in CPU time (so
+    other busy processes do not distort it) times torch's thread count. ``ALPSPRUNE_CPU_FLOPS``
+    overrides. On a busy machine the real run takes longer than this estimate."""
     env = os.environ.get("ALPSPRUNE_CPU_FLOPS")
     if env:
         rate = float(env)
@@ -568,16 +570,22 @@ def cpu_flops() -> tuple[float, float]:
 
     import torch
 
-    n = 768
+    threads = torch.get_num_threads()
+    n = 512
     a = torch.randn(n, n)
     b = torch.randn(n, n)
-    a @ b
-    best = math.inf
-    for _ in range(3):
-        t0 = time.perf_counter()
+    torch.set_num_threads(1)
+    try:
         a @ b
-        best = min(best, time.perf_counter() - t0)
-    rate = 2.0 * n**3 / best
+        best = math.inf
+        for _ in range(5):
+            t0 = time.process_time()
+            for _ in range(4):
+                a @ b
+            best = min(best, (time.process_time() - t0) / 4)
+    finally:
+        torch.set_num_threads(threads)
+    rate = 2.0 * n**3 / max(best, 1e-6) * threads
     return rate, rate / 2  # bf16 matmuls on CPUs are no faster than float32
 
 
