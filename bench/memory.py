@@ -282,6 +282,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output", type=Path, default=RESULTS / "memory.json")
     p.add_argument("--tag", default="", help="label stored with the results (e.g. which pipeline)")
     p.add_argument(
+        "--configs",
+        default=None,
+        help="run only these, e.g. h2048:wanda:default:8:512,h4096:wanda:faithful:8:512",
+    )
+    p.add_argument(
         "--repredict",
         type=Path,
         default=None,
@@ -298,6 +303,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     earlier = json.loads(args.repredict.read_text())["rows"] if args.repredict else None
     sweep = QUICK_SWEEP if args.quick else FULL_SWEEP
+    if args.configs:
+        sweep = [
+            (a, b, c, int(d), int(e)) for a, b, c, d, e in (x.split(":") for x in args.configs.split(","))
+        ]
     if earlier is not None:
         sweep = [(r["shape"], r["method"], r["recipe"], r["nsamples"], r["seqlen"]) for r in earlier]
     for number, (shape, method, recipe, nsamples, seqlen) in enumerate(sweep):
