@@ -233,14 +233,15 @@ def plot(rows: list[dict], path: Path) -> None:
         top = max(top, x, y)
         ax.scatter(x, y, c=colors[r["method"]], marker=markers[r["recipe"]], s=40)
     ax.plot([0, top * 1.05], [0, top * 1.05], color="gray", lw=1)
-    ax.fill_between([0, top * 1.05], [0, top * 1.05 * 0.85], [0, top * 1.05 * 1.15], color="gray", alpha=0.15)
+    edge = top * 1.05  # band: |predicted / measured − 1| ≤ 15%
+    ax.fill_between([0, edge], [0, edge / 1.15], [0, edge / 0.85], color="gray", alpha=0.15)
     for m, c in colors.items():
         ax.scatter([], [], c=c, label=m)
     for rcp, mk in markers.items():
         ax.scatter([], [], c="black", marker=mk, label=rcp)
     ax.set_xlabel("predicted peak (GiB, memory plan)")
     ax.set_ylabel("measured peak RSS (GiB)")
-    ax.set_title("memory plan vs measured, 2-block LLaMA shapes, CPU (band: ±15%)")
+    ax.set_title("memory plan vs peak RSS, 2-block LLaMA, CPU (band ±15%)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
