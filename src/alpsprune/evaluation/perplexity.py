@@ -13,6 +13,7 @@ windows): the two numbers differ and must not be compared.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from ..data.sources import DEFAULT_SEED, DEFAULT_SEQLEN
 from ..data.windows import eval_windows
-from ..streaming import Placement, fits_on_device, stream_logits
+from ..streaming import Placement, fits_on_device, stream_logits, visiting
 
 
 @dataclass(frozen=True)
@@ -137,9 +138,9 @@ def perplexity(
                 ):
                     total += output_nll(out, ids).sum().cpu()
         else:
-            if home != dev:
-                model.to(dev)  # resident: every weight moves once, and back below
             with (
+                # resident: every weight moves once; the model's own tensors are put back afterwards
+                visiting(model, dev, writes=False) if home != dev else contextlib.nullcontext(),
                 torch.inference_mode(),
                 tqdm(total=n, desc=f"ppl {name}", unit="win", disable=not progress) as bar,
             ):
@@ -148,8 +149,6 @@ def perplexity(
                     total += window_nll(model, batch).sum().cpu()
                     bar.update(batch.shape[0])
     finally:
-        if not streamed and home != dev:
-            model.to(home)
         model.train(was_training)
     tokens = n * (width - 1)
     nll = float(total / tokens)
