@@ -200,7 +200,7 @@ class Gram:
             e = torch.sqrt(torch.diagonal(self.G) + lam) + 1e-8
             Hn = torch.empty_like(self.G, dtype=dtype)
             n = self.in_features
-            rows = max(1, (1 << 22) // max(n, 1))  # ~32 MB float64 slabs
+            rows = max(1, (1 << 20) // max(n, 1))  # ~8 MB float64 slabs
             for lo in range(0, n, rows):
                 hi = min(n, lo + rows)
                 slab = self.G[lo:hi].clone()
