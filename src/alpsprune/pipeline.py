@@ -642,13 +642,18 @@ def _prune_block(
         parallel.all_reduce_grams(grams)
         calib_seconds += time.perf_counter() - t0
         tasks = [(name, leader) for group in stage for leader in [group[0]] for name in group]
-        results = parallel.solve(
-            tasks,
-            lambda name, leader, grams=grams: _solve_layer(
-                name, layers[name], grams[leader], plan, index, device, bar
-            ),
-            like=lambda name: get_weight(layers[name]),
-        )
+        remaining = {group[0]: len(group) for group in stage}
+
+        def solve(
+            name: str, leader: str, grams: dict[str, Gram] = grams, remaining: dict = remaining
+        ) -> tuple:
+            solved = _solve_layer(name, layers[name], grams[leader], plan, index, device, bar)
+            remaining[leader] -= 1
+            if not remaining[leader]:  # the group's factorisation is no longer needed (memory plan)
+                grams[leader].free()
+            return solved
+
+        results = parallel.solve(tasks, solve, like=lambda name: get_weight(layers[name]))
         for name, _ in tasks:
             weight, record = results[name]
             if dense_weights is not None and not last:  # later dense passes still need it

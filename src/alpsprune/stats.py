@@ -10,6 +10,7 @@ eigendecomposition for ALPS, SparseGPT's inverse Cholesky factor) is computed on
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,20 +20,61 @@ GRAM_DTYPE = torch.float64  # running sum of XᵀX over batches (SPEC §1 allows
 BATCH_DTYPE = torch.float32  # one batch's XᵀX product
 
 
+_LAPACK_THREADS: int | None = None  # None: the same threads as everything else (torch's setting)
+
+
+def set_lapack_threads(threads: int | None) -> None:
+    """Threads for CPU factorisations (eigh, Cholesky); ``None``: torch's thread count (the default)."""
+    global _LAPACK_THREADS
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    _LAPACK_THREADS = threads
+
+
+def machine_threads(cores: int | None = None, load: float | None = None) -> int:
+    """Threads a run should use: the cores this process may run on, less the ones other work keeps busy.
+
+    ``load`` is the 1-minute load average (other processes, measured before this one starts working).
+    Multi-threaded LAPACK stalls whenever one of its threads is descheduled (measured on a busy 2-core
+    box: eigh of 1536² took 0.57 s on one thread, 25 s on two), so on a busy machine fewer threads are
+    faster; on an idle many-core server every core helps (eigh, Cholesky, matmuls).
+    """
+
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, cores - int(load + 0.5)))
+
+
+@contextlib.contextmanager
+def using_threads(threads: int | None) -> Iterator[None]:
+    """Within the context, ``threads`` CPU threads for matmuls and factorisations (``None``: unchanged)."""
+    if threads is None:
+        yield
+        return
+    before, before_lapack = torch.get_num_threads(), _LAPACK_THREADS
+    torch.set_num_threads(threads)
+    set_lapack_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        set_lapack_threads(before_lapack)
+
+
 @contextlib.contextmanager
 def lapack_threads(device: torch.device) -> Iterator[None]:
-    """Run CPU LAPACK factorisations (eigh, Cholesky) on one thread.
+    """Run CPU LAPACK factorisations on the configured thread count (:func:`set_lapack_threads`).
 
-    Measured here (2 cores, other processes busy): ``eigh`` of a 1536×1536 float64 matrix took 0.57 s
-    on one thread and 25 s on two; Cholesky + inverse 0.1 s vs 3.6 s. Their many small synchronised
-    steps stall whenever one OpenMP thread is descheduled, while one thread never waits. Matmuls are
-    unaffected and keep all threads.
+    By default they use torch's own thread count, which follows the machine (``--threads`` in the CLI,
+    else :func:`machine_threads`); matmuls are unaffected.
     """
-    if device.type != "cpu":
+    if device.type != "cpu" or _LAPACK_THREADS is None or torch.get_num_threads() == _LAPACK_THREADS:
         yield
         return
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(_LAPACK_THREADS)
     try:
         yield
     finally:
@@ -45,7 +87,7 @@ class ScaledEig:
 
     lam: float
     e: torch.Tensor  # (in,) float64
-    Hn: torch.Tensor  # (in, in) float64, unit diagonal
+    Hn: torch.Tensor  # (in, in) unit diagonal, in the dtype of the decomposition
     Q: torch.Tensor  # (in, in) eigenvectors, in the dtype the decomposition ran in
     L: torch.Tensor  # (in,) eigenvalues (clamped at 0), same dtype as Q
 
@@ -83,15 +125,17 @@ class Gram:
         """Accumulate inputs ``x`` of shape ``(..., in)``; ``dense_x`` (same shape) fills ``cross``."""
         # the batch product in float32 (several times faster than float64 on CPUs), the running
         # sum over batches in float64 so that many batches do not lose precision
+        # (the in-place add widens each float32 entry exactly as `.to(float64)` would, without an in×in
+        # float64 temporary: the batch costs one float32 in×in product)
         x = x.reshape(-1, self.in_features).to(device=self.G.device, dtype=BATCH_DTYPE)
-        self.G += (x.T @ x).to(GRAM_DTYPE)
+        self.G.add_(x.T @ x)
         self.sum += x.sum(0, dtype=GRAM_DTYPE)
         self.count += x.shape[0]
         if dense_x is not None:
             dense_x = dense_x.reshape(-1, self.in_features).to(device=self.G.device, dtype=BATCH_DTYPE)
             if self.cross is None:
                 self.cross = torch.zeros_like(self.G)
-            self.cross += (x.T @ dense_x).to(GRAM_DTYPE)
+            self.cross.add_(x.T @ dense_x)
         self._cache.clear()
 
     def merge_(self, other: Gram) -> None:
@@ -134,26 +178,36 @@ class Gram:
         lam = dampening_frac * float(torch.diagonal(self.G).mean())
         return lam if lam > 0 else 1e-8
 
-    def damped(self, dampening_frac: float) -> tuple[torch.Tensor, float]:
-        """``(H, λ)`` with ``H = G + λI``."""
+    def damped(self, dampening_frac: float, dtype: torch.dtype = GRAM_DTYPE) -> tuple[torch.Tensor, float]:
+        """``(H, λ)`` with ``H = G + λI`` as a new ``dtype`` tensor (the one in×in buffer a factorisation needs)."""
         lam = self.damping(dampening_frac)
-        H = self.G.clone()
+        H = self.G.to(dtype, copy=True)
         H.diagonal().add_(lam)
         return H, lam
 
     def scaled_eig(self, dampening_frac: float, dtype: torch.dtype = torch.float64) -> ScaledEig:
         """ALPS pre-processing, computed once per (Gram, dampening, dtype) and cached.
 
-        ``Hn`` is always formed in float64; ``dtype`` is the precision of the eigendecomposition
-        itself (float32 halves its time; ALPS's ADMM consumes ``Q, L`` in float32 anyway).
+        ``Hn`` is computed in float64 a slab of rows at a time and stored in ``dtype``, the precision of
+        the eigendecomposition and of ALPS's matmuls (float32 halves its time; ALPS's ADMM consumes
+        ``Q, L`` in float32 anyway). The values are exactly those of forming all of ``Hn`` in float64
+        and casting it, without keeping any float64 in×in copy of ``G``: memory is ``Hn`` and ``Q`` in
+        ``dtype`` (plus LAPACK's workspace while ``eigh`` runs).
         """
         key = ("eig", dampening_frac, dtype)
         if key not in self._cache:
-            H, lam = self.damped(dampening_frac)
-            e = torch.sqrt(torch.diagonal(H)) + 1e-8
-            Hn = H / e[:, None] / e[None, :]
+            lam = self.damping(dampening_frac)
+            e = torch.sqrt(torch.diagonal(self.G) + lam) + 1e-8
+            Hn = torch.empty_like(self.G, dtype=dtype)
+            n = self.in_features
+            rows = max(1, (1 << 20) // max(n, 1))  # ~8 MB float64 slabs
+            for lo in range(0, n, rows):
+                hi = min(n, lo + rows)
+                slab = self.G[lo:hi].clone()
+                slab[:, lo:hi].diagonal().add_(lam)
+                Hn[lo:hi] = slab.div_(e[lo:hi, None]).div_(e[None, :])
             with lapack_threads(Hn.device):
-                L, Q = torch.linalg.eigh(Hn.to(dtype))
+                L, Q = torch.linalg.eigh(Hn)
             Gram.eig_count += 1
             self._cache[key] = ScaledEig(lam=lam, e=e, Hn=Hn, Q=Q, L=L.clamp_min(0.0))
         return self._cache[key]

@@ -215,7 +215,27 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     r.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype to load the model in")
-    r.add_argument("--offload-activations", action="store_true", help="keep calibration activations on CPU")
+    r.add_argument(
+        "--offload-activations",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep calibration activations on the host (default: on the device when the memory plan "
+        "says they fit in --max-memory, else on the host)",
+    )
+    r.add_argument(
+        "--max-memory",
+        default=None,
+        metavar="SIZE",
+        help="memory the run may use on the compute device, e.g. 80GB (default: what the device has "
+        "free; RAM on a CPU); a run that cannot fit even with offloaded activations stops before loading",
+    )
+    r.add_argument(
+        "--threads",
+        default=None,
+        metavar="N",
+        help="CPU threads for matmuls and factorisations: a number, or 'auto' (the cores not busy with "
+        "other work); default: torch's setting (all cores, or $OMP_NUM_THREADS)",
+    )
 
 
 def add_eval_args(p: argparse.ArgumentParser, flag: str = "--eval") -> None:
@@ -419,3 +439,20 @@ def check_output_file(path: Path) -> None:
             raise OutputError(
                 f"--output {path} exists and was not written by alpsprune eval; choose another --output"
             )
+
+
+def parse_threads(value: str | None) -> int | None:
+    """``--threads``: ``None`` (torch's setting), ``auto`` (:func:`alpsprune.stats.machine_threads`) or N ≥ 1."""
+    if value is None:
+        return None
+    if str(value).lower() == "auto":
+        from ..stats import machine_threads
+
+        return machine_threads()
+    try:
+        threads = int(value)
+    except ValueError:
+        raise UsageError(f"--threads must be a positive integer or 'auto', got {value!r}") from None
+    if threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}")
+    return threads

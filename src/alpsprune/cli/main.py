@@ -44,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        from ..stats import using_threads
+        from .common import parse_threads
+
+        with using_threads(parse_threads(getattr(args, "threads", None))):
+            return int(args.func(args) or 0)
     except AlpsPruneError as exc:
         if getattr(args, "verbose", False):
             traceback.print_exc()

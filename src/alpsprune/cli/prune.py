@@ -71,6 +71,13 @@ def add_parser(sub) -> None:
     add_pruning_args(p)
     add_runtime_args(p)
     add_eval_args(p)
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the memory plan (peak device/host memory per phase) and a time estimate from the "
+        "config alone, then exit; MODEL may also be a config.json or a built-in name (llama-2-7b, "
+        "llama-3-8b, llama-3-70b)",
+    )
     o = p.add_argument_group("output")
     o.add_argument("--output", default=None, help="output folder (default: a new folder under ./runs/)")
     o.add_argument(
@@ -126,12 +133,22 @@ def run(args) -> int:
     from ..pipeline import resolve_recipe
 
     # contradictions (--faithful with --dense-target, owl with N:M) fail here, not after loading
-    resolve_recipe(args.method, spec, **pipeline_options(args))
+    sequential, dense_target, _ = resolve_recipe(args.method, spec, **pipeline_options(args))
     check_regexes(args.targets, args.ignore)
     device = default_device(parallel) if args.device == "auto" else args.device
-    check_device(device)
-    check_dtype(args.dtype, device)
+    if not (args.dry_run and str(device).startswith("cuda")):  # a GPU can be planned for without one
+        check_device(device)
+        check_dtype(args.dtype, device)
+    run_plan = memory_plan(args, nsamples, seqlen, device, parallel.world_size, sequential, dense_target)
+    if args.dry_run:
+        print(run_plan.describe())
+        return 0
     check_model_arg(args.model)
+    if run_plan is not None and run_plan.placement is None:
+        raise AlpsPruneError(run_plan.refusal())
+    offload = args.offload_activations
+    if offload is None:
+        offload = run_plan is not None and run_plan.placement == "host"
     load = load_options(args)
     datasets, eval_seqlen, max_windows = eval_settings(args)
     from ..data import check_disjoint, resolve_source
@@ -214,7 +231,7 @@ def run(args) -> int:
         ignore=args.ignore,
         device=device,
         **pipeline_options(args),
-        offload_activations=args.offload_activations,
+        offload_activations=offload,
         batch_size=args.batch_size,
         progress=not args.quiet,
         checkpoint_dir=ckpt_dir,
@@ -268,6 +285,39 @@ def round_for_saving(model, save_dtype: str, settings: dict) -> None:
     settings["save_dtype"] = str(dtype).removeprefix("torch.")
     if round_to_dtype(model, dtype):
         log.info("weights rounded to %s, the saved dtype (--save-dtype)", settings["save_dtype"])
+
+
+def memory_plan(args, nsamples, seqlen, device, world_size, sequential, dense_target):
+    """The memory plan of this run (config only), or ``None`` when a real run cannot read the config
+    (the load reports that); ``--dry-run`` reports it here."""
+    from ..memory import plan_cli_run
+    from ..pipeline import resolve_device
+
+    opts = parse_solver_opts(args)
+    try:
+        return plan_cli_run(
+            args.model,
+            method=args.method,
+            sequential=sequential,
+            dense_target=dense_target,
+            nsamples=nsamples,
+            seqlen=seqlen,
+            batch_size=args.batch_size,
+            dtype=args.dtype,
+            world_size=world_size,
+            device=str(device)
+            if args.dry_run and str(device).startswith("cuda")
+            else str(resolve_device(device)),
+            max_memory=args.max_memory,
+            offload=args.offload_activations,
+            precision_bytes=8 if opts.get("precision") == "float64" else 4,
+            eval_seqlen=args.eval_seqlen,
+        )
+    except ValueError as exc:  # a bad --max-memory, or an unreadable config
+        if args.dry_run or not isinstance(exc, AlpsPruneError):
+            raise UsageError(str(exc)) if not isinstance(exc, AlpsPruneError) else exc from None
+        log.debug("no memory plan: %s", exc)
+        return None
 
 
 def evaluate(model, tokenizer, eval_data: dict, seqlen: int, max_windows, device, quiet: bool) -> dict:

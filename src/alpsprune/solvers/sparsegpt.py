@@ -28,7 +28,8 @@ retries and the final dampening are reported in ``info``. If it still fails a
 :class:`~alpsprune.errors.SolverError` is raised — never a silent fallback to magnitude.
 
 The inverse Cholesky factor is cached on the :class:`~alpsprune.stats.Gram`, so linears that share
-an input (q/k/v, gate/up) factor it once. Factorisation in float64, the sweep in float32.
+an input (q/k/v, gate/up) factor it once. Factorisation and sweep in float32 (float64 only when the float32
+factorisation fails); memory beyond ``G``: two in×in float32 buffers while factorising, then ``U``.
 """
 
 from __future__ import annotations
@@ -46,44 +47,63 @@ from .base import register
 MAX_DAMPENING_RETRIES = 4  # 0.01 -> 0.1 -> 1 -> 10 -> 100 (× mean diag)
 
 
+def _factor_attempt(gram: Gram, dead: torch.Tensor, lam: float, dtype: torch.dtype) -> torch.Tensor | None:
+    """``U`` (upper Cholesky factor of ``(G + λI)⁻¹``) computed in ``dtype``, as float32; ``None`` on failure.
+
+    Memory: besides ``G`` at most two in×in ``dtype`` buffers at a time (each step's input is dropped
+    as soon as its output exists), as in the reference implementation.
+    """
+    H = gram.G.to(dtype, copy=True)
+    if bool(dead.any()):  # decouple dead inputs (already zero for a true Gram; robust otherwise)
+        H[dead, :] = 0.0
+        H[:, dead] = 0.0
+    H.diagonal().add_(lam)
+    with lapack_threads(H.device):
+        L, info = torch.linalg.cholesky_ex(H)
+        del H
+        if int(info) != 0:
+            return None
+        Hinv = torch.cholesky_inverse(L)
+        del L
+        U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+        del Hinv
+    if int(info) != 0:
+        return None
+    U = U.to(torch.float32)
+    if not (bool(torch.isfinite(U).all()) and bool((torch.diagonal(U) > 0).all())):
+        return None
+    return U
+
+
 def _inverse_cholesky(gram: Gram, dampening_frac: float) -> dict:
-    """Upper Cholesky factor ``U`` of ``(G + λI)⁻¹`` (float32) with retries on failure."""
-    G = gram.G.to(torch.float64)
-    dead = torch.diagonal(G) == 0
+    """Upper Cholesky factor ``U`` of ``(G + λI)⁻¹`` (float32) with retries on failure.
+
+    Factorised in float32, the precision of the sweep (and of the reference implementation); when
+    that fails at some λ the same λ is tried once in float64 before the dampening grows, so a
+    float32 rounding problem never changes λ.
+    """
+    dead = torch.diagonal(gram.G) == 0
     frac = float(dampening_frac)
     retries = 0
-    failure = ""
     while True:
         lam = gram.damping(frac)
-        H = G.clone()
-        if bool(dead.any()):  # decouple dead inputs (already zero for a true Gram; robust otherwise)
-            H[dead, :] = 0.0
-            H[:, dead] = 0.0
-        H.diagonal().add_(lam)
-        with lapack_threads(H.device):  # one thread: see stats.lapack_threads
-            L, info = torch.linalg.cholesky_ex(H)
-            if int(info) == 0:
-                U, info2 = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-        if int(info) == 0:
-            if int(info2) == 0 and bool(torch.isfinite(U).all()):
-                U32 = U.to(torch.float32)
-                if bool(torch.isfinite(U32).all()) and bool((torch.diagonal(U32) > 0).all()):
-                    Gram.chol_count += 1
-                    return {
-                        "U": U32,
-                        "dead": dead,
-                        "lambda": lam,
-                        "dampening_frac": frac,
-                        "dampening_retries": retries,
-                    }
-            failure = "the Cholesky factor of H⁻¹ failed or is not finite"
-        else:
-            failure = f"H = G + λI is not positive definite (leading minor {int(info)})"
+        for dtype in (torch.float32, torch.float64):
+            U = _factor_attempt(gram, dead, lam, dtype)
+            if U is not None:
+                Gram.chol_count += 1
+                return {
+                    "U": U,
+                    "dead": dead,
+                    "lambda": lam,
+                    "dampening_frac": frac,
+                    "dampening_retries": retries,
+                    "factor_dtype": str(dtype).removeprefix("torch."),
+                }
         if retries >= MAX_DAMPENING_RETRIES:
             raise SolverError(
-                f"sparsegpt: {failure} even with dampening_frac={frac:g} (λ={lam:.3g}) after {retries} "
-                f"retries with 10× more dampening; the gram is likely not a valid XᵀX (check the "
-                f"calibration activations) — raise `dampening_frac` or use another method"
+                f"sparsegpt: H = G + λI or the Cholesky factor of H⁻¹ failed even with dampening_frac={frac:g} "
+                f"(λ={lam:.3g}) after {retries} retries with 10× more dampening; the gram is likely not a valid "
+                f"XᵀX (check the calibration activations) — raise `dampening_frac` or use another method"
             )
         retries += 1
         frac *= 10.0
