@@ -103,10 +103,10 @@ def test_hand_made_case_unstructured():
     spec = SparsitySpec.parse(0.5)
     _, wanda_mask, _ = solve_wanda(W, gram, spec)
     assert _kept(wanda_mask) == {0, 1, 2, 3}
-    _, mask, info = solve_dsnot(W, gram, spec)
+    _, mask, info = solve_dsnot(W, gram, spec, stop_on_sign_flip=True)
     assert _kept(mask) == {0, 1, 2, 5} and info["swaps"] == 1 and info["cycles"] == 2
     assert float(row_errors(W, mask, gram.sample_sum)[0]) == pytest.approx(0.3)
-    _, mask, info = solve_dsnot(W, gram, spec, stop_on_sign_flip=False)
+    _, mask, info = solve_dsnot(W, gram, spec)  # the authors' unstructured default: no sign check
     assert _kept(mask) == {0, 4, 5, 7} and info["swaps"] == 3 and info["rows_refined"] == 1
     assert float(row_errors(W, mask, gram.sample_sum)[0]) == pytest.approx(-0.5)
     # the threshold is checked before each swap: 1.0 > .5 swaps, then .3 stops the row
@@ -261,13 +261,30 @@ def test_counts_values_and_error(shape, target):
     assert bool((result.weight[~mask] == 0).all())
     eps_wanda = row_errors(W, wanda_mask, gram.sample_sum)
     eps_dsnot = row_errors(W, mask, gram.sample_sum)
-    # with the sign check the error never changes sign; unstructured swaps also never grow |ε|
-    assert bool((torch.sign(eps_dsnot) == torch.sign(eps_wanda)).all())
+    if spec.is_nm:  # the authors' N:M rule checks the sign: the error never changes sign
+        assert bool((torch.sign(eps_dsnot) == torch.sign(eps_wanda)).all())
+    # (without the check a row may overshoot back and forth: their unstructured rule does not
+    # promise a smaller |ε|, so nothing is asserted about it here)
+    # with the sign check, unstructured swaps (grow and prune both move ε towards 0) never grow |ε|
+    _, checked, _ = solve_dsnot(W, gram, spec, stop_on_sign_flip=True)
+    eps_checked = row_errors(W, checked, gram.sample_sum)
+    assert bool((torch.sign(eps_checked) == torch.sign(eps_wanda)).all())
     if not spec.is_nm:
-        assert bool((eps_dsnot.abs() <= eps_wanda.abs() + 1e-9).all())
-    assert float(eps_dsnot.abs().sum()) < float(eps_wanda.abs().sum())
+        assert bool((eps_checked.abs() <= eps_wanda.abs() + 1e-9).all())
+        assert float(eps_checked.abs().sum()) < float(eps_wanda.abs().sum())
     assert result.info["swaps"] > 0 and 1 <= result.info["cycles"] <= 50
     assert not torch.equal(mask, wanda_mask)
+
+
+def test_default_sign_check_is_the_authors():
+    """Their N:M code always checks the sign; their released unstructured default never does."""
+    W = weight(16, 128, seed=7)
+    gram = gram_of(sample_inputs(128, seed=8))
+    for target, check in (({"sparsity": 0.6}, False), ({"mask_structure": "2:4"}, True)):
+        spec = SparsitySpec.parse(**target)
+        default = solve_dsnot(W, gram, spec)[1]
+        assert torch.equal(default, solve_dsnot(W, gram, spec, stop_on_sign_flip=check)[1])
+        assert not torch.equal(default, solve_dsnot(W, gram, spec, stop_on_sign_flip=not check)[1])
 
 
 def test_max_cycles():

@@ -27,14 +27,15 @@ sample*, averaged over the samples (``s = gram.sample_sum``; for equal-length sa
 
 **Each cycle**, for every row still active, take the two candidates; the swap (grow one, prune
 one) is made only while ``|ε_i| > threshold`` — checked *before* the swap, so the last swap may
-end anywhere — and, with ``stop_on_sign_flip``, only if the error after the swap keeps the sign
-it had before the first cycle. A row that fails a check stops for good. At most ``max_cycles``
+end anywhere — and, when the sign check is on, only if the error after the swap keeps the sign it
+had before the first cycle. A row that fails a check stops for good. At most ``max_cycles``
 cycles.
 
-The authors' code always checks the sign for N:M, and for unstructured masks checks it unless
-``--without_same_sign``, whose default became ``True`` in their release of Dec 2023 (commit
-297993f) — so their released unstructured runs do not stop on a sign flip. ``stop_on_sign_flip``
-(default ``True``) selects between the two; ``False`` reproduces their unstructured default.
+The sign check: the authors' N:M code always makes it; their unstructured code makes it unless
+``--without_same_sign``, an ``argparse`` flag declared ``type=bool, default=True`` since their
+commit 297993f (Dec 2023), so their released unstructured runs never check. The default
+``stop_on_sign_flip=None`` reproduces exactly that (check for N:M, not for unstructured);
+``True``/``False`` force it either way.
 
 Deviations, only where the authors' code does something no one would want: a row also stops
 when its list of candidates of the needed sign is used up (theirs would walk into kept weights or
@@ -87,18 +88,21 @@ def solve_dsnot(
     max_cycles: int = 50,
     threshold: float = 0.1,
     pow_of_var: float = 1.0,
-    stop_on_sign_flip: bool = True,
+    stop_on_sign_flip: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """DSnoT on top of Wanda, the authors' rule (see the module docstring).
 
     :param max_cycles: swap cycles per row at most (authors: 50).
     :param threshold: swaps continue while ``|ε_i|`` (per-sample token-sum scale) exceeds this (0.1).
     :param pow_of_var: exponent of ``Var[x_j]`` in the grow order (authors: 1; 0 ignores variance).
-    :param stop_on_sign_flip: stop a row instead of a swap that would flip the sign of its error
-        (authors' N:M code; their released unstructured default does not check: pass ``False``).
+    :param stop_on_sign_flip: stop a row instead of a swap that would flip the sign of its error;
+        ``None`` (default) does what the authors' released code does: check for N:M, not for
+        unstructured masks.
     """
     if max_cycles < 0:
         raise ValueError(f"max_cycles must be >= 0, got {max_cycles}")
+    if stop_on_sign_flip is None:
+        stop_on_sign_flip = spec.is_nm
     _, mask, _ = solve_wanda(W_hat, gram, spec)
     mask = mask.clone()
     wanda_mask = mask.clone()
