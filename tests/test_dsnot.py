@@ -46,18 +46,17 @@ def test_gram_sample_statistics_match_the_authors_running_formulas():
     gram.add_batch(X[:2])  # samples arrive in batches of any size
     gram.add_batch(X[2:])
     # the authors' streaming updates (layerwrapper.py), one sample per forward
-    nsamples, ntokens = 0, 0
+    ntokens = 0
     sum_metric = torch.zeros(12, dtype=torch.float64)
     mean = var = torch.zeros(12, dtype=torch.float64)
-    for x in X:
+    for nsamples, x in enumerate(X):
         inp = x.T  # (in, tokens)
         m, v, n = inp.mean(1), inp.var(1, unbiased=False), inp.shape[1]
         var = v if ntokens == 0 else (var * ntokens + v * n) / (ntokens + n)
         mean = m if ntokens == 0 else (mean * ntokens + m * n) / (ntokens + n)
         ntokens += n
         sum_metric *= nsamples / (nsamples + 1)
-        nsamples += 1
-        sum_metric += inp.sum(1) / nsamples
+        sum_metric += inp.sum(1) / (nsamples + 1)
     assert gram.samples == 5 and gram.count == 80
     torch.testing.assert_close(gram.sample_sum, sum_metric, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(gram.var, var, rtol=1e-5, atol=1e-6)

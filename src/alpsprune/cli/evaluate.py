@@ -11,6 +11,7 @@ from .common import (
     HelpFormatter,
     UsageError,
     add_model_arg,
+    add_protocol_arg,
     add_verbosity,
     check_device,
     check_dtype,
@@ -49,6 +50,7 @@ def add_parser(sub) -> None:
         help="comma list of lm-eval tasks (paper: piqa,arc_easy,arc_challenge,lambada_openai)",
     )
     p.add_argument("--seqlen", type=int, default=2048, help="perplexity window length")
+    add_protocol_arg(p)
     p.add_argument(
         "--max-windows", type=int, default=None, help="score at most this many windows per dataset"
     )
@@ -101,8 +103,10 @@ def run(args) -> int:
             max_windows=args.max_windows,
             batch_size=args.batch_size,
             progress=not args.quiet,
+            protocol=args.ppl_protocol,
         )
         results["perplexity"][ds] = {
+            "protocol": r.protocol,
             "ppl": r.ppl,
             "nll": r.nll,
             "windows": r.windows,

@@ -113,7 +113,9 @@ def solve_dsnot(
     # a constant input (zero variance) gives an exactly predictable reduction: ranked first, finitely
     tiny = torch.finfo(torch.float64).tiny
     grow_weight = var.clamp_min(tiny).pow(-pow_of_var) if pow_of_var else torch.ones_like(var)
-    grow_order = torch.sort(torch.where(mask, 0.0, contrib * grow_weight[None, :]), dim=1, stable=True).indices
+    grow_order = torch.sort(
+        torch.where(mask, 0.0, contrib * grow_weight[None, :]), dim=1, stable=True
+    ).indices
     wanda = wanda_scores(W_hat, gram).to(torch.float64)
     eps = (contrib * (~mask)).sum(1)
     eps_start = eps.clone()
