@@ -29,8 +29,10 @@ examples:
   alpsprune eval ./model --ppl wikitext2,c4 --tasks piqa,arc_easy,arc_challenge
   alpsprune eval ./model --tasks my_task --include-path ./tasks --limit 100
 
-Perplexity follows the papers' recipe (join with "\\n\\n", tokenize once, non-overlapping windows,
-tail dropped; C4: 256 seeded windows of the validation shard). Zero-shot tasks need
+Perplexity uses the reference code's text (WikiText-2 test and PTB validation joined with "\\n\\n",
+C4: the first 1100 validation documents joined with " ", first 256 windows), non-overlapping
+windows, tail dropped; --ppl-protocol auto puts BOS at the start of every window when the
+tokenizer adds BOS itself ('papers' = the published stream). Zero-shot tasks need
 `pip install 'alpsprune[eval]'` (lm-evaluation-harness); the metric is acc.
 """
 

@@ -3,8 +3,8 @@
 Defaults (the papers' choices): calibration = 128 random windows of 2048 tokens, seed 0, from C4
 ``en`` train shard 0 (``c4-train.00000-of-01024``), each inside one document; perplexity on
 WikiText-2 raw test, PTB validation and C4 validation shard 0 (the first 1100 documents, first
-256 windows) — see ``windows`` for which reference code each rule reproduces. ``SOURCES`` lists every named
-source with its default splits; ``wiki-excerpt`` and ``lee`` work with no network.
+256 windows) — see ``windows`` for which reference code each rule reproduces. ``SOURCES`` lists
+every named source with its default splits; ``wiki-excerpt`` and ``lee`` work with no network.
 """
 
 from __future__ import annotations

@@ -61,7 +61,8 @@ HUB_SOURCES: dict[str, HubSpec] = {
             "validation": "en/c4-validation.00000-of-00008.json.gz",
         },
         eval_split="validation",
-        description="C4 en; calibration: train shard 0; perplexity: validation shard 0, 256 random windows",
+        description="C4 en; calibration: train shard 0, one window per document; perplexity: the "
+        "first 1100 validation documents, first 256 windows",
     ),
     "wikitext2": HubSpec(
         path="Salesforce/wikitext",
