@@ -151,8 +151,8 @@ def _document_windows(docs: list[str], tokenizer, nsamples: int, seqlen: int, se
             if len(ids) > seqlen:
                 break
         else:
-            raise _too_small(source, split, f"no document longer than {seqlen} tokens in {_MAX_DRAWS:,} draws",
-                             "documents longer than the window")  # fmt: skip
+            have = f"no document longer than {seqlen} tokens in {_MAX_DRAWS:,} draws"
+            raise _too_small(source, split, have, "documents longer than the window")
         start = rng.randint(0, len(ids) - seqlen - 1)
         windows.append(ids[start : start + seqlen])
     return torch.tensor(windows, dtype=torch.long)
