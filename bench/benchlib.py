@@ -220,7 +220,8 @@ def synthetic_layer(
 def fresh_gram(gram: Gram) -> Gram:
     """A new :class:`Gram` with the same sums and no cached factorisation (so a timed solver pays for its
     own eigendecomposition / Cholesky, as it would for a layer whose input no other layer shares)."""
-    other = Gram.from_matrix(gram.G, mean=gram.mean, count=max(gram.count, 1))
+    other = Gram.from_matrix(gram.G, mean=gram.mean, count=max(gram.count, 1), samples=max(gram.samples, 1))
+    other.sample_sq = gram.sample_sq.clone()
     if gram.cross is not None:
         other.cross = gram.cross.clone()
     return other

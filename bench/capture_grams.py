@@ -7,7 +7,8 @@ inputs (nothing is pruned here). Results go to a folder outside the repository::
 
     ~/.cache/alpsprune/grams/<settings>/      (or --out DIR; $ALPSPRUNE_CACHE moves ~/.cache/alpsprune)
         index.json                             layers: name, shape, block, gram key, weight file
-        gram_<key>.pt                          {"G": float64 (in,in), "sum": float64 (in,), "count": int}
+        gram_<key>.pt                          {"G": float64 (in,in), "sum": float64 (in,), "count": int,
+                                                "samples": int, "sample_sq": float64 (in,)}
         weight_<layer>.pt                      float32 (out, in)
 
 Re-running with the same settings reuses the cache (missing blocks are captured, present ones
@@ -59,6 +60,8 @@ class LayerPair:
     G: torch.Tensor  # float64 (in, in)
     mean: torch.Tensor  # float64 (in,)
     count: int
+    samples: int = 1  # calibration windows (DSnoT's per-sample statistics)
+    sample_sq: torch.Tensor | None = None  # Σ_n (Σ_t x)² / L_n; None in caches of older versions
 
     @property
     def kind(self) -> str:
@@ -72,7 +75,10 @@ class LayerPair:
         """A fresh :class:`alpsprune.Gram` of this layer's inputs (no cached factorisation)."""
         from alpsprune.stats import Gram
 
-        return Gram.from_matrix(self.G, mean=self.mean, count=self.count)
+        gram = Gram.from_matrix(self.G, mean=self.mean, count=self.count, samples=self.samples)
+        if self.sample_sq is not None:
+            gram.sample_sq = self.sample_sq.clone()
+        return gram
 
 
 def default_cache_root() -> Path:
@@ -198,7 +204,8 @@ def capture(
             key = f"b{b}." + "+".join(n.rsplit(".", 1)[-1] for n in group)
             gram = grams[leader]
             gram_file = f"gram_{_safe(key)}.pt"
-            torch.save({"G": gram.G, "sum": gram.sum, "count": gram.count}, folder / gram_file)
+            stats = {"G": gram.G, "sum": gram.sum, "count": gram.count}
+            torch.save({**stats, "samples": gram.samples, "sample_sq": gram.sample_sq}, folder / gram_file)
             index["grams"][key] = {"file": gram_file, "in_features": gram.in_features, "count": gram.count}
             for name in group:
                 weight = get_weight(linears[name]).to(torch.float32)
@@ -270,6 +277,9 @@ def load_pairs(
                 G=g["G"],
                 mean=g["sum"] / max(count, 1),
                 count=count,
+                # older caches: equal-length windows, so the sample count is the calibration count
+                samples=int(g.get("samples", index["settings"]["nsamples"])),
+                sample_sq=g.get("sample_sq"),
             )
         )
     pairs.sort(key=lambda p: p.block)  # stable: module order within a block

@@ -95,6 +95,7 @@ def test_prune_unstructured_writes_documented_files(setup, pruned):
     for which in ("dense", "pruned"):
         assert ppl[which][key]["ppl"] > 1 and ppl[which][key]["windows"] == 4
     assert ppl["seqlen"] == 64
+    assert ppl["protocol"] == "papers"  # recorded; the SmolLM2 tokenizer adds no BOS, so auto = papers
 
     md = (out / "report.md").read_text()
     for section in ("## Settings", "## Perplexity", "## Summary", "## Layers", "layers.png"):
@@ -141,6 +142,7 @@ def test_eval_writes_json_with_perplexity(setup, pruned):
     result = json.loads(target.read_text())
     entry = result["perplexity"][str(setup["eval"])]
     assert entry["ppl"] > 1 and entry["windows"] == 2 and entry["seqlen"] == 64
+    assert entry["protocol"] == "papers"
     assert "ppl" in stdout and str(target) in stdout
 
 

@@ -172,7 +172,8 @@ class Distributed(Parallel):
             return
         # counts and "has a cross term" flags of every Gram in one collective (int64: exact)
         meta = torch.tensor(
-            [[grams[n].count, int(grams[n].cross is not None)] for n in names], dtype=torch.int64
+            [[grams[n].count, int(grams[n].cross is not None), grams[n].samples] for n in names],
+            dtype=torch.int64,
         )
         meta_buf = meta.to(self._comm_device(meta.device))
         dist.all_reduce(meta_buf)
@@ -181,14 +182,14 @@ class Distributed(Parallel):
             gram = grams[name]
             if gram.cross is None and int(meta[i, 1]) > 0:  # another rank has one: add zeros here
                 gram.cross = torch.zeros_like(gram.G)
-            for attr in ("G", "sum", "cross"):
+            for attr in ("G", "sum", "sample_sq", "cross"):
                 tensor = getattr(gram, attr)
                 if tensor is None:
                     continue
                 buf = tensor.to(self._comm_device(tensor.device))
                 dist.all_reduce(buf)  # float64 sums, as accumulated
                 setattr(gram, attr, buf.to(tensor.device))
-            gram.count = int(meta[i, 0])
+            gram.count, gram.samples = int(meta[i, 0]), int(meta[i, 2])
             gram.free()
 
     def solve(

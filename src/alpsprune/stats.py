@@ -1,7 +1,8 @@
 """Input statistics of one linear layer's calibration inputs, and the factorisations derived from them.
 
 A :class:`Gram` holds ``G = XᵀX`` as a plain float64 sum over all tokens (SPEC §1, no ``1/n``),
-the input sum (for DSnoT's mean), and the token count. Linears that read the same tensor
+the input sum and the token count, and — for DSnoT, whose statistics are per calibration sample —
+the sample count and ``Σ_n (Σ_t x_nt)² / L_n`` (sample ``n`` has ``L_n`` tokens). Linears that read the same tensor
 (q/k/v, gate/up) share one ``Gram``; every derived quantity (damped ``H``, its scaled
 eigendecomposition for ALPS, SparseGPT's inverse Cholesky factor) is computed once per
 ``Gram`` and cached, so sharing the object shares the work.
@@ -109,27 +110,42 @@ class Gram:
         self.sum = torch.zeros(in_features, dtype=GRAM_DTYPE, device=device)
         self.cross: torch.Tensor | None = None
         self.count = 0
+        self.samples = 0  # calibration samples (sequences) seen
+        self.sample_sq = torch.zeros(in_features, dtype=GRAM_DTYPE, device=device)  # Σ_n (Σ_t x)² / L_n
         self._cache: dict = {}
 
     @classmethod
-    def from_matrix(cls, G: torch.Tensor, mean: torch.Tensor | None = None, count: int = 1) -> Gram:
-        """Wrap an existing ``G`` (e.g. for :func:`alpsprune.prune_layer` called with a plain tensor)."""
+    def from_matrix(
+        cls, G: torch.Tensor, mean: torch.Tensor | None = None, count: int = 1, samples: int = 1
+    ) -> Gram:
+        """Wrap an existing ``G`` (e.g. for :func:`alpsprune.prune_layer` called with a plain tensor).
+
+        ``count`` tokens in ``samples`` equal-length samples; the per-sample means are unknown, so
+        they are taken equal to ``mean`` (DSnoT's variance is then the plain per-token variance)."""
         gram = cls(G.shape[0], device=G.device)
         gram.G = G.to(GRAM_DTYPE)
         gram.count = count
+        gram.samples = samples
         if mean is not None:
             gram.sum = mean.to(device=G.device, dtype=GRAM_DTYPE) * count
+            gram.sample_sq = gram.sum**2 / max(count, 1)
         return gram
 
     def add_batch(self, x: torch.Tensor, dense_x: torch.Tensor | None = None) -> None:
-        """Accumulate inputs ``x`` of shape ``(..., in)``; ``dense_x`` (same shape) fills ``cross``."""
+        """Accumulate inputs ``x`` of shape ``(samples, tokens, in)`` (leading dims are samples) or
+        ``(tokens, in)`` (one sample, as the DSnoT code treats a 2-D input); ``dense_x`` (same shape)
+        fills ``cross``."""
+        per_sample = x.reshape(-1, x.shape[-2] if x.dim() >= 3 else x.shape[0], self.in_features)
+        sample_sums = per_sample.to(self.G.device).sum(1, dtype=GRAM_DTYPE)  # (samples, in)
+        self.sample_sq += (sample_sums**2).sum(0) / per_sample.shape[1]
+        self.samples += per_sample.shape[0]
         # the batch product in float32 (several times faster than float64 on CPUs), the running
         # sum over batches in float64 so that many batches do not lose precision
         # (the in-place add widens each float32 entry exactly as `.to(float64)` would, without an in×in
         # float64 temporary: the batch costs one float32 in×in product)
         x = x.reshape(-1, self.in_features).to(device=self.G.device, dtype=BATCH_DTYPE)
         self.G.add_(x.T @ x)
-        self.sum += x.sum(0, dtype=GRAM_DTYPE)
+        self.sum += sample_sums.sum(0)
         self.count += x.shape[0]
         if dense_x is not None:
             dense_x = dense_x.reshape(-1, self.in_features).to(device=self.G.device, dtype=BATCH_DTYPE)
@@ -143,6 +159,8 @@ class Gram:
         self.G += other.G.to(self.G.device)
         self.sum += other.sum.to(self.G.device)
         self.count += other.count
+        self.samples += other.samples
+        self.sample_sq += other.sample_sq.to(self.G.device)
         if other.cross is not None:
             self.cross = other.cross.clone() if self.cross is None else self.cross + other.cross
         self._cache.clear()
@@ -151,6 +169,7 @@ class Gram:
         """A copy of the sums on another device (factorisation cache not copied)."""
         other = Gram(self.in_features, device=device)
         other.G, other.sum, other.count = self.G.to(device), self.sum.to(device), self.count
+        other.samples, other.sample_sq = self.samples, self.sample_sq.to(device)
         other.cross = None if self.cross is None else self.cross.to(device)
         return other
 
@@ -158,6 +177,7 @@ class Gram:
         """The same sums without the dense-output cross term; shares ``G`` and the factorisation cache."""
         other = Gram(self.in_features, device=self.G.device)
         other.G, other.sum, other.count, other._cache = self.G, self.sum, self.count, self._cache
+        other.samples, other.sample_sq = self.samples, self.sample_sq
         return other
 
     # ---- derived statistics -------------------------------------------------------------------
@@ -167,8 +187,16 @@ class Gram:
 
     @property
     def var(self) -> torch.Tensor:
-        """Per-feature variance ``E[x²] − E[x]²`` (DSnoT)."""
-        return (torch.diagonal(self.G) / max(self.count, 1) - self.mean**2).clamp_min(0.0)
+        """Per-feature variance within a sample, pooled over samples (DSnoT's ``Var[x]``): the
+        token-weighted mean of each sample's ``E_t[x²] − E_t[x]²``. With one sample it is the plain
+        ``E[x²] − E[x]²``."""
+        return ((torch.diagonal(self.G) - self.sample_sq) / max(self.count, 1)).clamp_min(0.0)
+
+    @property
+    def sample_sum(self) -> torch.Tensor:
+        """Per-feature input summed over the tokens of a sample, averaged over samples (DSnoT's scale:
+        its error signal and 0.1 threshold are in these units)."""
+        return self.sum / max(self.samples, 1)
 
     def has_nonfinite(self) -> bool:
         return not bool(torch.isfinite(self.G).all())

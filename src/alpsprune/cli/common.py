@@ -253,6 +253,18 @@ def add_eval_args(p: argparse.ArgumentParser, flag: str = "--eval") -> None:
     e.add_argument(
         "--eval-seqlen", type=int, default=None, help="window length for perplexity (default: --seqlen)"
     )
+    add_protocol_arg(e)
+
+
+def add_protocol_arg(p) -> None:
+    p.add_argument(
+        "--ppl-protocol",
+        choices=("auto", "papers", "bos"),
+        default="auto",
+        help="how perplexity windows are cut: 'papers' = the published stream (only the first window "
+        "starts with BOS), 'bos' = BOS at the start of every window, 'auto' = 'bos' when the "
+        "tokenizer adds BOS itself, else 'papers'",
+    )
 
 
 def add_verbosity(p: argparse.ArgumentParser) -> None:

@@ -129,7 +129,7 @@ def run(args) -> int:
     out = Path(args.output) if args.output else default_output(args, "compare")
     check_output(out, args.overwrite)
 
-    from ..data import assert_no_window_overlap, eval_tokens, get_calibration
+    from ..data import assert_no_window_overlap, eval_windows, get_calibration, resolve_protocol
     from ..io import load_model
     from ..models import get_weight, list_target_layers, set_weight
     from ..pipeline import plan_pruning, prune_model
@@ -149,7 +149,7 @@ def run(args) -> int:
     calibration = get_calibration(
         args.calib, tokenizer, nsamples, seqlen, args.seed, split=args.calib_split, text_field=args.text_field
     )
-    eval_data = {ds: eval_tokens(ds, tokenizer) for ds in datasets}
+    eval_data = {ds: eval_windows(ds, tokenizer, eval_seqlen, protocol=args.ppl_protocol) for ds in datasets}
     for tokens in eval_data.values():
         assert_no_window_overlap(calibration, tokens)
     dense_weights = {
@@ -201,7 +201,12 @@ def run(args) -> int:
     result = {
         "model": args.model or "bundled:SmolLM2-135M-Instruct",
         "calibration": {"source": args.calib, "nsamples": nsamples, "seqlen": seqlen, "seed": args.seed},
-        "evaluation": {"datasets": datasets, "seqlen": eval_seqlen, "max_windows": max_windows},
+        "evaluation": {
+            "datasets": datasets,
+            "seqlen": eval_seqlen,
+            "max_windows": max_windows,
+            "protocol": resolve_protocol(tokenizer, args.ppl_protocol),
+        },
         "dense": {k: v["ppl"] for k, v in dense.items()},
         "runs": rows,
     }

@@ -15,6 +15,7 @@ from .common import (
     UsageError,
     add_loading_args,
     add_model_arg,
+    add_protocol_arg,
     add_verbosity,
     check_device,
     check_dtype,
@@ -37,8 +38,10 @@ examples:
   alpsprune eval ./model --tasks arc_easy --num-fewshot 5 --batch-size auto --output-path lm-eval-out
   alpsprune eval ./big-model --tasks piqa --device-map auto --max-memory 0=20GiB,cpu=100GiB
 
-Perplexity follows the papers' recipe (join with "\\n\\n", tokenize once, non-overlapping windows,
-tail dropped; C4: 256 seeded windows of the validation shard). Zero-shot tasks need
+Perplexity uses the reference code's text (WikiText-2 test and PTB validation joined with "\\n\\n",
+C4: the first 1100 validation documents joined with " ", first 256 windows), non-overlapping
+windows, tail dropped; --ppl-protocol auto puts BOS at the start of every window when the
+tokenizer adds BOS itself ('papers' = the published stream). Zero-shot tasks need
 `pip install 'alpsprune[eval]'` (lm-evaluation-harness); the metric is acc. The lm-eval flags
 (--num-fewshot, --batch-size, --limit, --apply-chat-template, --fewshot-as-multiturn, --output-path,
 --log-samples, --include-path) mean what lm_eval's own flags mean and are passed through unchanged.
@@ -56,6 +59,7 @@ def add_parser(sub) -> None:
     add_loading_args(p, device_map=True)
     p.add_argument("--ppl", default="wiki-excerpt", help="comma list of perplexity datasets; 'none' to skip")
     p.add_argument("--seqlen", type=int, default=2048, help="perplexity window length")
+    add_protocol_arg(p)
     p.add_argument(
         "--max-windows", type=int, default=None, help="score at most this many windows per dataset"
     )
@@ -203,8 +207,10 @@ def run(args) -> int:
             progress=not args.quiet,
             device=device,
             offload="auto" if device is not None else False,  # a device map placed the model already
+            protocol=args.ppl_protocol,
         )
         results["perplexity"][ds] = {
+            "protocol": r.protocol,
             "ppl": r.ppl,
             "nll": r.nll,
             "windows": r.windows,

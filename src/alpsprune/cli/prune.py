@@ -167,7 +167,7 @@ def run(args) -> int:
     out, ckpt_dir = run_folders(args, label, parallel)
 
     # ---- structure, calibration, then the weights (the slow part) last --------------------------------
-    from ..data import assert_no_window_overlap, eval_tokens, get_calibration
+    from ..data import assert_no_window_overlap, eval_windows, get_calibration, resolve_protocol
     from ..io import load_model, load_tokenizer, model_skeleton
     from ..pipeline import plan_pruning, prune_model
 
@@ -205,7 +205,7 @@ def run(args) -> int:
     eval_data = {}
     if parallel.is_main:
         for ds in datasets:
-            eval_data[ds] = eval_tokens(ds, tokenizer)
+            eval_data[ds] = eval_windows(ds, tokenizer, eval_seqlen, protocol=args.ppl_protocol)
             assert_no_window_overlap(calibration, eval_data[ds])
 
     # ---- dense evaluation (rank 0), reused on resume when the model and evaluation are the same --------
@@ -264,6 +264,7 @@ def run(args) -> int:
         "pruned": pruned_ppl,
         "seqlen": eval_seqlen,
         "max_windows": max_windows,
+        "protocol": resolve_protocol(tokenizer, args.ppl_protocol),  # how the windows were cut
     }
     report.extra["total_seconds"] = time.perf_counter() - t_start
     write_outputs(model, tokenizer, report, out, args, ckpt_dir)

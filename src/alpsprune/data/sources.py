@@ -15,27 +15,27 @@ Source names (``SOURCES`` lists them with their defaults):
 * ``wiki-excerpt`` / ``lee`` — real English text inside the gensim wheel (see ``wiki_excerpt``), split
   by document into ``train`` (calibration) and ``test`` parts.
 
-Hub datasets are fetched by ``datasets``; when the Hub cannot be reached the cache is tried in
-offline mode and otherwise a :class:`DataError` says what to use instead — nothing hangs on retries.
-Setting ``$ALPSPRUNE_HF_MIRROR`` to a folder makes Hub ids resolve to ``<mirror>/<owner>/<name>``
-when that folder exists (a local copy of the dataset repository, read by the same code).
+Hub datasets are fetched by ``datasets``, which follows the standard Hugging Face settings:
+``HF_ENDPOINT`` (a mirror), ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` (cache only) and the
+``HTTPS_PROXY`` / ``HTTP_PROXY`` proxies. Before a download alpsprune asks once whether the Hub
+answers, through ``huggingface_hub``'s own HTTP session (so the same endpoint, proxies and offline
+flags apply); when it does not, the cache is read in offline mode and otherwise a
+:class:`DataError` says what to use instead — nothing hangs on retries.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from ..errors import DataError
 from .wiki_excerpt import load_gensim_text
 
-MIRROR_ENV = "ALPSPRUNE_HF_MIRROR"
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 LOCAL_EXTENSIONS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 GENSIM_SOURCES = ("wiki-excerpt", "lee")
 
@@ -61,7 +61,8 @@ HUB_SOURCES: dict[str, HubSpec] = {
             "validation": "en/c4-validation.00000-of-00008.json.gz",
         },
         eval_split="validation",
-        description="C4 en; calibration: train shard 0; perplexity: validation shard 0, 256 random windows",
+        description="C4 en; calibration: train shard 0, one window per document; perplexity: the "
+        "first 1100 validation documents, first 256 windows",
     ),
     "wikitext2": HubSpec(
         path="Salesforce/wikitext",
@@ -177,27 +178,56 @@ def resolve_source(source: str) -> Source:
 # --- the datasets code path -------------------------------------------------------------------
 
 Loader = Callable[..., Any]
-_HUB_REACHABLE: bool | None = None
+_HUB_REACHABLE: dict[str, bool] = {}  # endpoint -> answered, asked once per process
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hub endpoint accepts a TCP connection (checked once per process)."""
-    global _HUB_REACHABLE
-    if _HUB_REACHABLE is None:
+def hub_offline() -> bool:
+    """Whether the user asked for offline mode: ``HF_HUB_OFFLINE``, ``HF_DATASETS_OFFLINE`` or
+    ``TRANSFORMERS_OFFLINE`` set to a true value now, or offline mode set in ``huggingface_hub`` /
+    ``datasets`` by code."""
+    if any(os.environ.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE") for k in OFFLINE_ENV):
+        return True
+    try:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            return True
+    except ImportError:  # pragma: no cover - a dependency of datasets
+        pass
+    try:
+        import datasets.config as dconfig
+
+        return bool(dconfig.HF_HUB_OFFLINE)
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def hub_endpoint() -> str:
+    """The Hub URL in use: ``HF_ENDPOINT`` (read now) or huggingface_hub's configured endpoint."""
+    env = os.environ.get("HF_ENDPOINT")
+    if env:
+        return env.rstrip("/")
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the Hub answers an HTTP request (any status) — asked once per process and endpoint
+    through ``huggingface_hub``'s session, so ``HF_ENDPOINT`` and the proxies in the environment
+    apply as for a real download. False at once in offline mode, without a request."""
+    if hub_offline():
+        return False
+    endpoint = hub_endpoint()
+    if endpoint not in _HUB_REACHABLE:
+        from huggingface_hub import get_session
+
         try:
-            from huggingface_hub import constants
-
-            endpoint = constants.ENDPOINT
-        except Exception:
-            endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-        url = urlparse(endpoint)
-        port = url.port or (443 if url.scheme == "https" else 80)
-        try:
-            with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout):
-                _HUB_REACHABLE = True
-        except OSError:
-            _HUB_REACHABLE = False
-    return _HUB_REACHABLE
+            get_session().head(endpoint, timeout=timeout, follow_redirects=False)
+            _HUB_REACHABLE[endpoint] = True
+        except Exception:  # connection, proxy, TLS or timeout errors of httpx / requests
+            _HUB_REACHABLE[endpoint] = False
+    return _HUB_REACHABLE[endpoint]
 
 
 @contextlib.contextmanager
@@ -237,14 +267,10 @@ def _column(ds: Any, text_field: str, what: str) -> list[str]:
 def load_hub(
     spec: HubSpec, split: str, text_field: str | None = None, *, loader: Loader | None = None
 ) -> list[str]:
-    """Rows of a Hub dataset (or its mirror under ``$ALPSPRUNE_HF_MIRROR``) via ``datasets``."""
+    """Rows of a Hub dataset via ``datasets`` (``HF_ENDPOINT`` picks a mirror, as everywhere)."""
     loader = loader or _default_loader()
     field_name = text_field or spec.text_field
     path = spec.path
-    mirror = os.environ.get(MIRROR_ENV)
-    local = False
-    if mirror and (Path(mirror).expanduser() / spec.path).is_dir():
-        path, local = str(Path(mirror).expanduser() / spec.path), True
     kwargs: dict[str, Any] = {"split": split}
     if spec.name:
         kwargs["name"] = spec.name
@@ -255,7 +281,7 @@ def load_hub(
             )
         kwargs["data_files"] = {split: spec.data_files[split]}
     what = f"dataset {spec.path}" + (f" ({spec.name})" if spec.name else "") + f" split {split!r}"
-    offline = not local and not hub_reachable()
+    offline = not hub_reachable()
     try:
         with offline_mode() if offline else contextlib.nullcontext():
             ds = loader(path, **kwargs)
@@ -264,13 +290,14 @@ def load_hub(
     except Exception as exc:  # datasets raises ConnectionError, FileNotFoundError, ValueError, ...
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         hint = (
-            "the Hugging Face Hub is not reachable from here and it is not in the local cache; "
+            f"the Hugging Face Hub ({hub_endpoint()}) is offline or not reachable from here and the "
+            "dataset is not in the local cache; "
             if offline
             else ""
         )
         raise DataError(
             f"could not download {what} ({reason}); {hint}use a local .txt/.jsonl/.parquet file or "
-            f"folder, 'wiki-excerpt' (offline Wikipedia text), or set ${MIRROR_ENV} to a local copy"
+            "folder, 'wiki-excerpt' (offline Wikipedia text), or set HF_ENDPOINT to a mirror"
         ) from exc
     return _column(ds, field_name, what)
 

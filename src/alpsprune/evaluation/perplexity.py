@@ -1,10 +1,13 @@
 """Perplexity with the standard recipe.
 
-The evaluation text is joined with ``"\\n\\n"``, tokenized once, cut into non-overlapping ``seqlen``
-windows (tail dropped; C4: 256 seeded random windows of validation shard 0), and each window is
-scored independently. ``nll`` is the mean negative log-likelihood over all *predicted* tokens — each
-window predicts its tokens 2..seqlen, so ``seqlen - 1`` per window — and ``ppl = exp(nll)``. Because
-every window has the same length this equals the SparseGPT/ALPS code's
+The windows come from :func:`alpsprune.data.eval_windows`: the reference code's text, cut by a
+protocol — ``papers`` (the published stream: tokenized once, non-overlapping ``seqlen`` windows,
+only the first starts with BOS; C4: the first 256 windows of 1100 validation documents) or ``bos``
+(BOS + the next ``seqlen − 1`` tokens in every window); ``auto`` (default) is ``bos`` when the
+tokenizer adds BOS itself. Each window is scored independently. ``nll`` is the mean negative
+log-likelihood over all *predicted* tokens — each window predicts its tokens 2..seqlen, so
+``seqlen - 1`` per window — and ``ppl = exp(nll)``. Because every window has the same length this
+equals the SparseGPT/ALPS code's
 ``exp(sum(window_mean_loss * seqlen) / (n * seqlen))`` exactly.
 
 This is *not* lm-evaluation-harness's ``wikitext`` task (document-level word perplexity with rolling
@@ -21,8 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..data.sources import DEFAULT_SEED, DEFAULT_SEQLEN
-from ..data.windows import eval_windows
+from ..data.sources import DEFAULT_SEQLEN
+from ..data.windows import DEFAULT_PROTOCOL, eval_windows, resolve_protocol
 from ..streaming import Placement, fits_on_device, stream_logits, visiting
 
 
@@ -37,6 +40,7 @@ class PerplexityResult:
     seqlen: int
     seconds: float
     dataset: str = ""
+    protocol: str = ""  # papers | bos (how a text source was cut) | tokens (given as a tensor)
 
     def __float__(self) -> float:
         return self.ppl
@@ -81,9 +85,9 @@ def perplexity(
     text_field: str = "text",
     device: str | torch.device | None = None,
     progress: bool = True,
-    seed: int = DEFAULT_SEED,
     offload: bool | str = False,
     offload_activations: bool | str = True,
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``dataset``.
 
@@ -104,6 +108,8 @@ def perplexity(
     * ``"auto"``: resident when the weights fit in the device's free memory, else streaming.
 
     Every mode gives the same perplexity (the same operations on the same inputs).
+    ``protocol`` (``auto`` | ``papers`` | ``bos``) says how a text source is cut into windows;
+    the result records the one used.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
@@ -111,8 +117,9 @@ def perplexity(
 
     name = dataset if isinstance(dataset, str) else "tokens"
     windows = eval_windows(
-        dataset, tokenizer, seqlen, max_windows, split=split, text_field=text_field, seed=seed
+        dataset, tokenizer, seqlen, max_windows, split=split, text_field=text_field, protocol=protocol
     )
+    how = resolve_protocol(tokenizer, protocol) if isinstance(dataset, str) else "tokens"
     n, width = windows.shape
     dev = torch.device(device) if device is not None else _model_device(model)
     if offload is True and device is None:
@@ -160,4 +167,5 @@ def perplexity(
         seqlen=width,
         seconds=time.perf_counter() - start,
         dataset=name,
+        protocol=how,
     )
