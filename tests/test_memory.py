@@ -422,3 +422,21 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
         assert set(row["measured_peak"]) == {"capture", "statistics", "solve", "propagate"}
         for phase, peak in row["measured_peak"].items():
             assert 0.5 < row["planned_peak"][phase] / peak < 1.5  # small run: the process baseline dominates
+
+
+def test_replay_budget_is_half_the_planned_headroom():
+    """The CLI lets the replay cache use half of what the plan leaves free where the activations live,
+    and nothing when they are offloaded, when nothing fits or without a budget."""
+    from types import SimpleNamespace
+
+    from alpsprune.cli.prune import replay_budget
+
+    def run_plan(budget, placement, peak=4 * GiB):
+        return SimpleNamespace(budget=budget, placement=placement, chosen=SimpleNamespace(peak_device=peak))
+
+    assert replay_budget(run_plan(24 * GiB, "device"), offload=False) == 10 * GiB
+    assert replay_budget(run_plan(3 * GiB, "device"), offload=False) == 0  # over budget: never negative
+    assert replay_budget(run_plan(24 * GiB, "host"), offload=True) == 0
+    assert replay_budget(run_plan(24 * GiB, "device"), offload=True) == 0  # --offload-activations forces it
+    assert replay_budget(run_plan(None, "device"), offload=False) == 0
+    assert replay_budget(None, offload=False) == 0

@@ -149,6 +149,7 @@ def run(args) -> int:
     offload = args.offload_activations
     if offload is None:
         offload = run_plan is not None and run_plan.placement == "host"
+    replay_memory = replay_budget(run_plan, offload)
     load = load_options(args)
     datasets, eval_seqlen, max_windows = eval_settings(args)
     from ..data import check_disjoint, resolve_source
@@ -232,6 +233,7 @@ def run(args) -> int:
         device=device,
         **pipeline_options(args),
         offload_activations=offload,
+        replay_memory=replay_memory,
         batch_size=args.batch_size,
         progress=not args.quiet,
         checkpoint_dir=ckpt_dir,
@@ -286,6 +288,15 @@ def round_for_saving(model, save_dtype: str, settings: dict) -> None:
     settings["save_dtype"] = str(dtype).removeprefix("torch.")
     if round_to_dtype(model, dtype):
         log.info("weights rounded to %s, the saved dtype (--save-dtype)", settings["save_dtype"])
+
+
+def replay_budget(run_plan, offload) -> int:
+    """Bytes the replay cache may use: half the headroom the plan leaves on the device that holds the
+    activations, so sub-layer passes replay finished parts (fewer forwards, bit-identical results) when
+    memory allows and nothing outlives a batch when it does not (0 without a plan or when offloaded)."""
+    if run_plan is None or run_plan.budget is None or offload or run_plan.placement != "device":
+        return 0
+    return max(0, (run_plan.budget - run_plan.chosen.peak_device) // 2)
 
 
 def memory_plan(args, nsamples, seqlen, device, world_size, sequential, dense_target):
