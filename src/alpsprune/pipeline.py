@@ -41,7 +41,7 @@ from .stats import Gram
 log = logging.getLogger("alpsprune")
 
 SEQUENTIAL_MODES = ("block", "sublayer")
-ALLOCATION_MODES = ("uniform", "owl", "curve")
+ALLOCATION_MODES = ("uniform", "owl", "curve", "evo")
 
 # The paper's algorithm: grams of a whole block from one pass, layers fit to their own pruned-model
 # outputs, the same sparsity everywhere.
@@ -385,7 +385,7 @@ def prune_model(
     device = resolve_device(device)
     parallel = parallel or single_process()
     _check_calibration(calibration, model)
-    if allocation_mode in ("owl", "curve"):  # validated above; now the (slow) allocation pass
+    if allocation_mode in ("owl", "curve", "evo"):  # validated above; now the (slow) allocation pass
         from .allocation import allocate  # local: allocation imports this module
 
         allocation = allocate(
