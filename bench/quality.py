@@ -244,7 +244,7 @@ def main() -> None:
     p.add_argument("--calib-seed", type=int, default=0)
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=40)
-    p.add_argument("--evo-generations", type=int, default=30)
+    p.add_argument("--evo-generations", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(RESULTS / "quality"), help="output prefix (.json/.md/.png)")
     p.add_argument("--single", nargs=3, metavar=("PATTERN", "VARIANT", "SEED"), help=argparse.SUPPRESS)

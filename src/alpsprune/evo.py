@@ -12,10 +12,11 @@ a few calibration tokens. Our version, written for this library:
   another unit *of the same parameter count* one level sparser, so the weighted mean sparsity stays
   exactly ``s``; the per-layer fractions are then made integer-exact by
   :func:`alpsprune.allocation.exact_allocation` (the kept weights sum to the uniform allocation's).
-* **Database.** Every (block, level) is pruned once, up front, by a fast solver (``database_method``,
-  default SparseGPT) on the Grams of the *dense* model's inputs (first ``database_samples``
-  calibration windows); a candidate model is stitched from these variants (stored in float16). The
-  winning allocation is then handed to the normal pipeline, which prunes with the real method.
+* **Database.** Every (block, level) is pruned once, when the search first visits it, by a fast
+  solver (``database_method``, default SparseGPT) on the Grams of the *dense* model's inputs (first
+  ``database_samples`` calibration windows, gathered in one pass up front); a candidate model is
+  stitched from these variants (stored in float16). The winning allocation is then handed to the
+  normal pipeline, which prunes with the real method.
 * **Search.** (1+λ): ``offspring`` children of the parent, each with 1..``max_mutations`` level
   switches; *multi-step selection*: all children are scored on the first ``stage_windows[0]``
   fitness windows, the best ``survivors`` on all ``stage_windows[1]``, and the best survivor
@@ -59,11 +60,11 @@ class EvoSettings:
 
     step: float = 0.05  # sparsity change per level
     max_shift: float = 0.1  # a unit's sparsity stays within s ± max_shift
-    generations: int = 30
+    generations: int = 20
     offspring: int = 8  # λ
     survivors: int = 2  # children re-scored on all fitness windows
     max_mutations: int = 3  # level switches per child: 1..max_mutations, uniformly
-    stage_windows: tuple[int, int] = (2, 8)  # fitness windows in selection steps 1 and 2
+    stage_windows: tuple[int, int] = (1, 4)  # fitness windows in selection steps 1 and 2
     fitness_seqlen: int = 128
     database_samples: int = 8  # calibration windows whose Grams the database solver uses
     database_method: str | None = None  # default: sparsegpt for alps, else the method itself
@@ -236,11 +237,11 @@ def search_allocation(
     jlo, jhi = level_range(sparsity, settings.step, settings.max_shift)
     start = time.perf_counter()
 
-    # database: every (unit, level) pruned once on the dense model's inputs
+    # database: a (unit, level) is pruned once, on the dense model's inputs, when the search first needs it
     dense = {n: get_weight(m).detach().clone() for bl in layers for n, m in bl.items()}
     database: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-    levels_all = list(range(jlo, jhi + 1))
-    bar = tqdm(total=len(blocks), desc="evo database", unit="block", disable=not progress)
+    block_stats: dict[int, dict] = {}
+    bar = tqdm(total=len(blocks), desc="evo statistics", unit="block", disable=not progress)
     with torch.no_grad():
         inputs = capture_block_inputs(model, calibration[: settings.database_samples], device)
         hidden = inputs.hidden
@@ -248,26 +249,30 @@ def search_allocation(
             for index, block in enumerate(blocks):
                 home = next(block.parameters()).device
                 block.to(device)
-                stats, hidden = _dense_block_pass(
+                block_stats[index], hidden = _dense_block_pass(
                     block, layers[index], hidden, lambda b, i=index: inputs.kwargs_for(i, b), device, True
                 )
                 inputs.hidden = hidden
                 block.to(home)
-                for j in levels_all if layers[index] else ():
-                    s_j = min(max(sparsity - j * settings.step, 0.0), 0.95)
-                    variant = {}
-                    for n in layers[index]:
-                        W = dense[n].to(device)
-                        if n in stats and s_j > 0:
-                            W = prune_layer(W, stats[n], db_method, sparsity=s_j, **db_opts).weight
-                        variant[n] = W.to(torch.float16).to(home)
-                    database[(index, j)] = variant
-                for g in {id(g): g for g in stats.values()}.values():
-                    g.free()
                 bar.update(1)
         finally:
             bar.close()
     db_seconds = time.perf_counter() - start
+
+    def variant(index: int, j: int) -> dict[str, torch.Tensor]:
+        nonlocal db_seconds
+        if (index, j) not in database:
+            t0 = time.perf_counter()
+            s_j = min(max(sparsity - j * settings.step, 0.0), 0.95)
+            stats, entry = block_stats[index], {}
+            for n in layers[index]:
+                W = dense[n].to(device)
+                if n in stats and s_j > 0:
+                    W = prune_layer(W, stats[n], db_method, sparsity=s_j, **db_opts).weight
+                entry[n] = W.to(torch.float16).to(dense[n].device)  # a proxy: half precision is plenty
+            database[(index, j)] = entry
+            db_seconds += time.perf_counter() - t0
+        return database[(index, j)]
 
     # fitness: KL to the dense model on fitness windows, candidates stitched from the database
     windows = calibration[: settings.stage_windows[1], : settings.fitness_seqlen]
@@ -284,7 +289,7 @@ def search_allocation(
     def load(levels: tuple[int, ...]) -> None:
         for u, j in zip(units, levels):
             if loaded[u] != j:
-                for n, W in database[(u, j)].items():
+                for n, W in variant(u, j).items():
                     set_weight(layers[u][n], W.to(dense[n].dtype))
                 loaded[u] = j
 
@@ -317,6 +322,9 @@ def search_allocation(
             for bl in layers:
                 for n, m in bl.items():
                     set_weight(m, dense[n])
+        for stats in block_stats.values():
+            for g in {id(g): g for g in stats.values()}.values():
+                g.free()
     block_s = [sparsity - int(j) * settings.step for j in best]
     per_layer = [s for s, u in zip(block_s, units) for _ in layers[u]]
     bounds = default_bounds(sparsity, max(0.0, min(per_layer)), max(sparsity, max(per_layer)))
