@@ -158,8 +158,45 @@ def _key(r: dict) -> tuple:
     return (":" in p, p, list(VARIANTS).index(r["variant"]), r["seed"])
 
 
+# earlier runs with the same calibration and wiki evaluation (issue 9, bench/results/beyond_*.json): shown
+# as reference rows (wiki only, no lee) where this campaign did not re-run a variant
+REFERENCE_FILES = ("beyond_alps.json", "beyond_nm.json")
+REFERENCE_NAMES = {
+    "faithful": "faithful",
+    "dense+sublayer": "dense+sublayer",
+    "dense+sublayer+owl": "default",
+}
+
+
+def reference_runs(data: dict) -> list[dict]:
+    measured = {(r["pattern"], r["variant"]) for r in data["runs"]}
+    rows = []
+    for name in REFERENCE_FILES:
+        path = RESULTS / name
+        if not path.is_file():
+            continue
+        ref = json.loads(path.read_text())
+        c = data["settings"]["calibration"]
+        if ref["calibration"] != {k: c[k] for k in ("source", "nsamples", "seqlen")} | {"seed": c["seed"]}:
+            continue
+        for r in ref["runs"]:
+            variant = REFERENCE_NAMES.get(r["variant"])
+            low = ":" in r["pattern"] or float(r["pattern"]) <= 0.6  # where today's default is faithful
+            if r["method"] != "alps" or variant is None or (variant == "default" and low):
+                continue
+            if variant == "faithful" and low:
+                rows.append(
+                    {**r, "variant": "default", "ppl": {"wiki-excerpt": r["ppl"]}, "seed": 0, "ref": name}
+                )
+            if (r["pattern"], variant) not in measured:
+                rows.append(
+                    {**r, "variant": variant, "ppl": {"wiki-excerpt": r["ppl"]}, "seed": 0, "ref": name}
+                )
+    return [r for r in rows if (r["pattern"], r["variant"]) not in measured]
+
+
 def write_table(data: dict, out: Path) -> None:
-    runs = sorted(data["runs"], key=_key)
+    runs = sorted(data["runs"] + reference_runs(data), key=_key)
     dense = data.get("dense", {})
     s = data["settings"]
     md = [
@@ -167,7 +204,9 @@ def write_table(data: dict, out: Path) -> None:
         f"tokens of {s['calibration']['source']}; held-out perplexity on ≤{s['evaluation']['max_windows']} "
         f"windows of {s['evaluation']['seqlen']} tokens of each domain (test parts). Dense: "
         + ", ".join(f"{d} **{v:.2f}**" for d, v in dense.items())
-        + ". One run at a time, 1 thread; prune seconds include the allocation search.",
+        + ". One run at a time, 1 thread; prune seconds include the allocation search. Rows marked † are "
+        "earlier runs with the same calibration and wiki evaluation (issue 9, `bench/results/beyond_*.json`, "
+        "two runs at a time): wiki only.",
         "",
         "| pattern | variant | seed | wiki ppl | lee ppl | prune s | vs default (wiki) |",
         "|---|---|---|---|---|---|---|",
@@ -181,9 +220,11 @@ def write_table(data: dict, out: Path) -> None:
             if b is not None and b is not r
             else "—"
         )
+        lee = f"{r['ppl']['lee']:.2f}" if "lee" in r["ppl"] else "—"
+        mark = " †" if "ref" in r else ""
         md.append(
-            f"| {r['pattern']} | {r['variant']} | {r['seed']} | {r['ppl']['wiki-excerpt']:.2f} | "
-            f"{r['ppl']['lee']:.2f} | {r['seconds']:.0f} | {change} |"
+            f"| {r['pattern']} | {r['variant']}{mark} | {r['seed']} | {r['ppl']['wiki-excerpt']:.2f} | "
+            f"{lee} | {r['seconds']:.0f} | {change} |"
         )
     evo_runs = [r for r in runs if "evo" in r]
     if evo_runs:
@@ -216,7 +257,7 @@ def plot(runs: list[dict], dense: dict, path: Path) -> None:
         for variant in VARIANTS:
             pts: dict[float, list[float]] = {}
             for r in runs:
-                if r["variant"] == variant and ":" not in r["pattern"]:
+                if r["variant"] == variant and ":" not in r["pattern"] and domain in r["ppl"]:
                     pts.setdefault(float(r["pattern"]), []).append(r["ppl"][domain])
             if pts:
                 xs = sorted(pts)
