@@ -66,7 +66,7 @@ def run_single(args, pattern: str, variant: str, seed: int) -> dict:
     calib = get_calibration(args.calib, tok, args.nsamples, args.seqlen, seed=args.calib_seed)
     options = variant_options(variant, pattern)
     extra: dict = {}
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()  # CPU time: comparable on a shared machine
     if options.get("allocation") == "evo":
         settings = EvoSettings(seed=seed, generations=args.evo_generations)
         evo = search_allocation(
@@ -85,7 +85,7 @@ def run_single(args, pattern: str, variant: str, seed: int) -> dict:
     report = alpsprune.prune_model(
         model, calib, method="alps", progress=False, **pattern_kwargs(pattern), **options
     )
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     ppl = {}
     for domain in DOMAINS:
         ppl[domain] = alpsprune.perplexity(
@@ -97,6 +97,7 @@ def run_single(args, pattern: str, variant: str, seed: int) -> dict:
         "seed": seed,
         "ppl": ppl,
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "pipeline": {k: report.settings[k] for k in ("sequential", "dense_target", "allocation")},
         "mean_error": report.summary["mean_error"],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -195,6 +196,13 @@ def reference_runs(data: dict) -> list[dict]:
     return [r for r in rows if (r["pattern"], r["variant"]) not in measured]
 
 
+def _seconds(r: dict, b: dict) -> float:
+    """Time ratio: CPU seconds when both runs have them (a shared machine inflates wall time), else wall."""
+    if "cpu_seconds" in r and "cpu_seconds" in b:
+        return r["cpu_seconds"] / b["cpu_seconds"]
+    return r["seconds"] / b["seconds"]
+
+
 def write_table(data: dict, out: Path) -> None:
     runs = sorted(data["runs"] + reference_runs(data), key=_key)
     dense = data.get("dense", {})
@@ -208,15 +216,15 @@ def write_table(data: dict, out: Path) -> None:
         "earlier runs with the same calibration and wiki evaluation (issue 9, `bench/results/beyond_*.json`, "
         "two runs at a time): wiki only.",
         "",
-        "| pattern | variant | seed | wiki ppl | lee ppl | prune s | vs default (wiki) |",
-        "|---|---|---|---|---|---|---|",
+        "| pattern | variant | seed | wiki ppl | lee ppl | prune s | CPU s | vs default (wiki) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     base = {r["pattern"]: r for r in runs if r["variant"] == "default"}
     for r in runs:
         b = base.get(r["pattern"])
         change = (
             f"{(r['ppl']['wiki-excerpt'] / b['ppl']['wiki-excerpt'] - 1) * 100:+.1f}% at "
-            f"{r['seconds'] / b['seconds']:.2f}× time"
+            f"{_seconds(r, b):.2f}× time"
             if b is not None and b is not r
             else "—"
         )
@@ -224,7 +232,7 @@ def write_table(data: dict, out: Path) -> None:
         mark = " †" if "ref" in r else ""
         md.append(
             f"| {r['pattern']} | {r['variant']}{mark} | {r['seed']} | {r['ppl']['wiki-excerpt']:.2f} | "
-            f"{lee} | {r['seconds']:.0f} | {change} |"
+            f"{lee} | {r['seconds']:.0f} | {r.get('cpu_seconds', float('nan')):.0f} | {change} |"
         )
     evo_runs = [r for r in runs if "evo" in r]
     if evo_runs:
