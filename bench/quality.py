@@ -232,7 +232,7 @@ def write_table(data: dict, out: Path) -> None:
         mark = " †" if "ref" in r else ""
         md.append(
             f"| {r['pattern']} | {r['variant']}{mark} | {r['seed']} | {r['ppl']['wiki-excerpt']:.2f} | "
-            f"{lee} | {r['seconds']:.0f} | {r.get('cpu_seconds', float('nan')):.0f} | {change} |"
+            f"{lee} | {r['seconds']:.0f} | {f"{r['cpu_seconds']:.0f}" if "cpu_seconds" in r else "—"} | {change} |"
         )
     evo_runs = [r for r in runs if "evo" in r]
     if evo_runs:
