@@ -229,10 +229,11 @@ def write_table(data: dict, out: Path) -> None:
             else "—"
         )
         lee = f"{r['ppl']['lee']:.2f}" if "lee" in r["ppl"] else "—"
+        cpu = f"{r['cpu_seconds']:.0f}" if "cpu_seconds" in r else "—"
         mark = " †" if "ref" in r else ""
         md.append(
             f"| {r['pattern']} | {r['variant']}{mark} | {r['seed']} | {r['ppl']['wiki-excerpt']:.2f} | "
-            f"{lee} | {r['seconds']:.0f} | {f"{r['cpu_seconds']:.0f}" if "cpu_seconds" in r else "—"} | {change} |"
+            f"{lee} | {r['seconds']:.0f} | {cpu} | {change} |"
         )
     evo_runs = [r for r in runs if "evo" in r]
     if evo_runs:
