@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from tiny_models import ARCHS, make_tiny_model, tiny_input_ids  # noqa: E402
 
 # Tiny models are dominated by per-op overhead; intra-op threads only add contention on small shared machines
 # (measured: a tiny GPT-2 forward 0.25 s with 2 threads under load vs 2.5 ms with 1).
-torch.set_num_threads(1)
+# $ALPSPRUNE_TEST_THREADS overrides it (scripts/test_variants.sh runs the suite with 1 and 2 threads).
+torch.set_num_threads(int(os.environ.get("ALPSPRUNE_TEST_THREADS", "1")))
 
 
 @pytest.fixture(params=ARCHS)

@@ -176,7 +176,7 @@ def test_compare_writes_json_md_png(setup):
     "argv",
     [
         ["prune", "--sparsity", "1.5"],
-        ["prune", "--sparsity", "0.5", "--mask-structure", "2:4"],
+        ["prune", "--sparsity", "0.4", "--mask-structure", "2:4"],
         ["prune", "--mask-structure", "5:4"],
         ["prune", "--method", "nope"],
         ["prune", "--nsamples", "0"],

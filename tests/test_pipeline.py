@@ -191,20 +191,35 @@ def test_dense_target_and_allocation_options_run():
 
 
 def test_offloaded_activations_match():
+    """Where activations live does not change the computation: same code path, same bits."""
     model_a, model_b = make_tiny_model("llama"), make_tiny_model("llama")
     calib = calibration(model_a)
-    alpsprune.prune_model(model_a, calib, method="sparsegpt", sparsity=0.5, progress=False)
-    alpsprune.prune_model(
-        model_b,
-        calib,
-        method="sparsegpt",
-        sparsity=0.5,
-        progress=False,
-        offload_activations=True,
-        batch_size=3,
-    )
-    ids = calibration(model_a, 2, 16, seed=5)
-    assert torch.allclose(logits(model_a, ids), logits(model_b, ids), atol=1e-4)
+    for model, offload in ((model_a, False), (model_b, True)):
+        alpsprune.prune_model(
+            model,
+            calib,
+            method="sparsegpt",
+            sparsity=0.5,
+            progress=False,
+            offload_activations=offload,
+            batch_size=3,
+        )
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_batch_size_changes_only_rounding():
+    """Another batch size sums the grams in another order (another BLAS code path): the result agrees to
+    rounding, not bit for bit. A support decision on a near-tie may flip (it did under MKL_CBWR=COMPATIBLE),
+    which swaps two weights of near-equal saliency, so every layer's relative error stays within 1% and
+    the exact sparsity holds."""
+    model_a, model_b = make_tiny_model("llama"), make_tiny_model("llama")
+    calib = calibration(model_a)
+    a = alpsprune.prune_model(model_a, calib, method="sparsegpt", sparsity=0.5, progress=False)
+    b = alpsprune.prune_model(model_b, calib, method="sparsegpt", sparsity=0.5, progress=False, batch_size=3)
+    for x, y in zip(a.layers, b.layers):
+        assert x.name == y.name and x.sparsity == y.sparsity
+        assert x.error == pytest.approx(y.error, rel=1e-2, abs=1e-6), x.name
 
 
 def test_recipe_defaults_and_contradictions():

@@ -113,8 +113,9 @@ BAD_INPUTS = [
     ({"sparsity": 1.0}, "sparsity must be in [0, 1)"),
     ({"sparsity": -0.1}, "sparsity must be in [0, 1)"),
     ({"sparsity": float("nan")}, "sparsity must be in [0, 1)"),
-    ({}, "exactly one of"),
-    ({"sparsity": 0.5, "mask_structure": "2:4"}, "exactly one of"),
+    ({}, "give `sparsity`"),
+    ({"sparsity": 0.4, "mask_structure": "2:4"}, "contradicts"),
+    ({"mask_structure": "0:0"}, "means unstructured"),
     ({"mask_structure": "5:4"}, "cannot exceed"),
     ({"mask_structure": "2-4"}, "N:M"),
     ({"mask_structure": "2:6"}, "multiple of"),  # in=64 is not a multiple of 6

@@ -9,6 +9,10 @@ from __future__ import annotations
 import importlib
 
 from .masks import relative_error
+
+# Imported eagerly, not through _LAZY: the module is light (transformers is imported inside the call),
+# and a lazy attribute named like its own submodule would turn into the module after the first import.
+from .oneshot import OneshotResult, oneshot
 from .solvers import PruneResult, prune_layer, solver_options
 from .sparsity import SparsitySpec
 from .stats import Gram
@@ -35,6 +39,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "Gram",
+    "OneshotResult",
+    "oneshot",
     "PruneResult",
     "SparsitySpec",
     "prune_layer",

@@ -77,6 +77,9 @@ def load_model(
     dtype: DType = "auto",
     cache_dir: str | os.PathLike[str] | None = None,
     trust_remote_code: bool = False,
+    revision: str | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[int | str, str] | None = None,
 ) -> tuple[nn.Module, Any]:
     """Load a decoder-only causal LM and its tokenizer, in eval mode.
 
@@ -86,13 +89,21 @@ def load_model(
     :param cache_dir: the Hub download cache (`from_pretrained`'s `cache_dir`). GGUF conversions are cached
         under `$ALPSPRUNE_CACHE/models` (default `~/.cache/alpsprune/models`).
     :param trust_remote_code: passed to transformers for Hub/local models with custom code.
+    :param revision: branch, tag or commit of a Hub model.
+    :param device_map, max_memory: accelerate placement (``"auto"``, ``{"cpu": "60GiB", 0: "20GiB"}``) for
+        evaluating a model larger than one device; pruning places blocks itself and needs neither.
     :raises ModelError: the model cannot be found or loaded, or is not a causal LM with decoder blocks.
     """
     torch_dtype = _resolve_dtype(dtype)
     kind, source, cache_name = _resolve_source(model)
+    placement: dict[str, Any] = {}
+    if device_map is not None or max_memory is not None:
+        # a copy: transformers rewrites max_memory's sizes to bytes in place
+        placement = {"device_map": device_map or "auto", "max_memory": dict(max_memory or {}) or None}
     if kind == "gguf":
-        return _load_gguf(Path(source), torch_dtype, cache_name)
-    return _load_pretrained(source, torch_dtype, cache_dir, trust_remote_code, local=kind == "local")
+        return _load_gguf(Path(source), torch_dtype, cache_name, placement)
+    hub = {"trust_remote_code": trust_remote_code, "revision": revision, "cache_dir": cache_dir}
+    return _load_pretrained(source, torch_dtype, hub, placement, local=kind == "local")
 
 
 def load_tokenizer(
@@ -100,6 +111,7 @@ def load_tokenizer(
     *,
     cache_dir: str | os.PathLike[str] | None = None,
     trust_remote_code: bool = False,
+    revision: str | None = None,
 ) -> Any:
     """Only the tokenizer of what `load_model(model)` would load (no weights are read)."""
     from transformers import AutoTokenizer
@@ -111,11 +123,11 @@ def load_tokenizer(
             folder = _gguf_cache_folder(gguf, cache_name)
             if _cache_matches(folder, _gguf_source_mark(gguf)):
                 return AutoTokenizer.from_pretrained(folder)
+            require_gguf()
             return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-        if cache_dir is not None:
-            common["cache_dir"] = os.fspath(cache_dir)
-        return AutoTokenizer.from_pretrained(source, **common)
+        return AutoTokenizer.from_pretrained(source, **_hub_kwargs(trust_remote_code, revision, cache_dir))
+    except ModelError:
+        raise
     except Exception as exc:
         raise ModelError(f"cannot load the tokenizer of {source!r}: {_cause(exc)}") from exc
 
@@ -179,22 +191,43 @@ def _finish(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def _hub_kwargs(trust_remote_code: bool, revision: str | None, cache_dir: Any) -> dict[str, Any]:
+    """The `from_pretrained` keywords shared by config, model and tokenizer (only those that are set)."""
+    common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if revision is not None:
+        common["revision"] = revision
+    if cache_dir is not None:
+        common["cache_dir"] = os.fspath(cache_dir)
+    return common
+
+
+def require_gguf() -> None:
+    """Reading a .gguf file needs the `gguf` package, which only the `demo` extra installs."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ModelError(
+            "reading a .gguf file (the bundled demo model included) needs the gguf package: "
+            "pip install 'alpsprune[demo]'"
+        ) from None
+
+
 def _load_pretrained(
-    source: str, dtype: torch.dtype | str, cache_dir: Any, trust_remote_code: bool, *, local: bool
+    source: str, dtype: torch.dtype | str, hub: dict[str, Any], placement: dict[str, Any], *, local: bool
 ) -> tuple[nn.Module, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     hint = "" if local else "; on an offline machine pass a local folder or a .gguf file instead"
-    common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if cache_dir is not None:
-        common["cache_dir"] = os.fspath(cache_dir)
+    common = _hub_kwargs(**hub)
     try:
         config = AutoConfig.from_pretrained(source, **common)
     except Exception as exc:  # transformers raises OSError/ValueError/HTTP errors alike
         raise ModelError(f"cannot load model {source!r}: {_cause(exc)}{hint}") from exc
     require_decoder_only(config, source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, **common)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, config=config, dtype=dtype, **common, **placement
+        )
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc):
             raise ModelError(
@@ -241,6 +274,7 @@ def model_skeleton(
     *,
     cache_dir: str | os.PathLike[str] | None = None,
     trust_remote_code: bool = False,
+    revision: str | None = None,
 ) -> nn.Module | None:
     """The model's module tree on the `meta` device (no weights read, no memory), from its config alone.
 
@@ -255,9 +289,7 @@ def model_skeleton(
     if kind == "gguf":
         return None
     hint = "" if kind == "local" else "; on an offline machine pass a local folder or a .gguf file instead"
-    common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if cache_dir is not None:
-        common["cache_dir"] = os.fspath(cache_dir)
+    common = _hub_kwargs(trust_remote_code, revision, cache_dir)
     try:
         config = AutoConfig.from_pretrained(source, **common)
     except Exception as exc:
@@ -289,7 +321,9 @@ def _gguf_source_mark(gguf: Path) -> dict[str, Any]:
     return {"gguf": str(gguf.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def _load_gguf(gguf: Path, dtype: torch.dtype | str, cache_name: str | None) -> tuple[nn.Module, Any]:
+def _load_gguf(
+    gguf: Path, dtype: torch.dtype | str, cache_name: str | None, placement: dict[str, Any]
+) -> tuple[nn.Module, Any]:
     """Dequantize once into a safetensors cache folder, then load from there (seconds instead of ~15 s)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -299,7 +333,7 @@ def _load_gguf(gguf: Path, dtype: torch.dtype | str, cache_name: str | None) -> 
         _convert_gguf(gguf, folder, mark)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32 if dtype == "auto" else dtype
+            folder, dtype=torch.float32 if dtype == "auto" else dtype, **placement
         )
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as exc:
@@ -329,6 +363,7 @@ def _cache_matches(folder: Path, mark: dict[str, Any]) -> bool:
 def _convert_gguf(gguf: Path, folder: Path, mark: dict[str, Any]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    require_gguf()
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

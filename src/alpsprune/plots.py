@@ -1,4 +1,9 @@
-"""Figures for reports (PNG). matplotlib is imported lazily with the headless Agg backend."""
+"""Figures for reports (PNG).
+
+matplotlib is imported lazily and used only through its object API (a ``Figure`` drawn by an Agg
+canvas): pyplot's global backend, figure registry and rcParams are never touched, so importing
+alpsprune in a notebook leaves inline plotting as it was.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +13,20 @@ from pathlib import Path
 from .report import PruneReport
 
 
-def _pyplot():
-    import matplotlib
+def _figure(width: float, height: float):
+    """A standalone figure with its own Agg canvas (no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
 
-    return plt
+
+def _save(fig, path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return Path(path)
 
 
 def layer_kind(name: str) -> str:
@@ -28,11 +40,11 @@ def layer_kind(name: str) -> str:
 
 def _plot_by_block(report: PruneReport, value, ylabel: str, title: str, path, log: bool) -> Path:
     """One line per layer role (q_proj, down_proj, ...) of ``value(record)`` against the block index."""
-    plt = _pyplot()
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for r in report.layers:
         series[layer_kind(r.name)].append((r.block, value(r)))
-    fig, ax = plt.subplots(figsize=(9, 5))
+    fig = _figure(9, 5)
+    ax = fig.add_subplot()
     for kind, points in series.items():
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=kind)
@@ -43,10 +55,7 @@ def _plot_by_block(report: PruneReport, value, ylabel: str, title: str, path, lo
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_layers(report: PruneReport, path: str | Path, title: str | None = None) -> Path:
@@ -66,10 +75,12 @@ def plot_compare(
 
     ``rows``: dicts with ``method``, ``pattern`` (``"0.7"`` or ``"2:4"``), ``sparsity`` (fraction) and ``ppl``.
     """
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
+    from matplotlib import rcParams  # read only: the active colour cycle
+
+    fig = _figure(8, 5)
+    ax = fig.add_subplot()
     methods = sorted({r["method"] for r in rows})
-    colors = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
+    colors = dict(zip(methods, rcParams["axes.prop_cycle"].by_key()["color"] * 3))
     for method in methods:
         unstructured = sorted(
             (r["sparsity"], r["ppl"]) for r in rows if r["method"] == method and ":" not in r["pattern"]
@@ -93,10 +104,7 @@ def plot_compare(
     ax.set_ylabel(f"perplexity{f' ({dataset})' if dataset else ''}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_allocation(report: PruneReport, path: str | Path) -> Path:

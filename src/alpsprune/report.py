@@ -108,6 +108,38 @@ class PruneReport:
     def __str__(self) -> str:
         return self.table()
 
+    def _repr_html_(self) -> str:
+        """Jupyter's rich display: the settings and summary, then the per-layer table."""
+        from html import escape
+
+        s = self.summary
+        pattern = self.settings.get("mask_structure") or self.settings.get("sparsity")
+        caption = (
+            f"{self.settings.get('method', '')} at {pattern}: {s['layers']} layers in {s['blocks']} blocks, "
+            f"targeted sparsity {s['targeted_sparsity']:.4f}"
+            + (f", whole model {s['model_sparsity']:.4f}" if s["model_sparsity"] is not None else "")
+            + f", mean error {s['mean_error']:.4e}, {s['seconds']:.1f} s"
+        )
+        header = ["layer", "shape", "method", "sparsity", "rel. error", "seconds", "iters"]
+        rows = [
+            [
+                r.name,
+                f"{r.shape[0]}×{r.shape[1]}",
+                r.method,
+                f"{r.sparsity:.4f}",
+                f"{r.error:.4e}",
+                f"{r.seconds:.2f}",
+                str(r.info.get("iterations", "")),
+            ]
+            for r in self.layers
+        ]
+        head = "".join(f"<th>{escape(h)}</th>" for h in header)
+        body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+        return (
+            f'<table class="alpsprune-report"><caption>{escape(caption)}</caption>'
+            f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        )
+
 
 def format_table(header: list[str], rows: list[list[str]], markdown: bool = False) -> str:
     """A plain aligned text table, or a GitHub markdown table."""

@@ -11,13 +11,15 @@ import sys
 from pathlib import Path
 
 from ..errors import AlpsPruneError, DeviceError, OutputError
+from ..sparsity import DEFAULT_SPARSITY
+
+log = logging.getLogger("alpsprune")
 
 # Settings of the embedded default (no MODEL): finishes in a few minutes on 2 CPU cores.
 DEMO_NSAMPLES, DEMO_SEQLEN = 32, 512
 DEMO_EVAL_WINDOWS = 40  # held-out windows of DEMO_SEQLEN tokens scored per model
 # The papers' standard recipe, used when a MODEL is given.
 STANDARD_NSAMPLES, STANDARD_SEQLEN = 128, 2048
-DEFAULT_SPARSITY = 0.6
 METHODS = ("alps", "sparsegpt", "wanda", "magnitude", "dsnot")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -33,8 +35,20 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default once, as ``(default: X)``.
+
+    Nothing is appended when the help text already states the default (recipe-dependent options say
+    ``(default: recipe ...)``) or when there is no default to show (``None``, ``False``, ``[]``) —
+    argparse's ArgumentDefaultsHelpFormatter printed "(default 0.6) (default: None)" there.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.option_strings or action.nargs in ("?", "*")
+        if "default" in text or not shown or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
 
 
 def add_model_arg(p: argparse.ArgumentParser, optional: bool = True) -> None:
@@ -51,18 +65,19 @@ def add_pruning_args(p: argparse.ArgumentParser, single: bool = True) -> None:
     g = p.add_argument_group("pruning")
     if single:
         g.add_argument("--method", choices=METHODS, default="alps", help="layer solver")
-        pattern = g.add_mutually_exclusive_group()
-        pattern.add_argument(
+        g.add_argument(
             "--sparsity",
             type=float,
             default=None,
-            help=f"fraction of weights removed per layer (default {DEFAULT_SPARSITY})",
+            help=f"fraction of weights removed per layer (default: {DEFAULT_SPARSITY} unless --mask-structure "
+            "is given)",
         )
-        pattern.add_argument(
+        g.add_argument(
             "--mask-structure",
             default=None,
             metavar="N:M",
-            help="N:M pattern, N KEPT in every M consecutive inputs (2:4)",
+            help="N:M pattern, N KEPT in every M consecutive inputs (2:4); may be combined with the "
+            "--sparsity it implies (0.5 with 2:4); 0:0 = unstructured",
         )
     g.add_argument(
         "--targets",
@@ -83,24 +98,28 @@ def add_pruning_args(p: argparse.ArgumentParser, single: bool = True) -> None:
         choices=("block", "sublayer"),
         default=None,
         help="block: grams of a block from the dense block (paper); sublayer: re-collect after earlier "
-        "layers are pruned (default: sublayer whenever the dense target is on)",
+        "layers are pruned (default: recipe; sublayer whenever the dense target is on)",
     )
     g.add_argument(
         "--dense-target",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="fit layers to the dense model's outputs (error correction; default on for sparsegpt, "
-        "and for alps at unstructured sparsity above 60%%)",
+        help="fit layers to the dense model's outputs (error correction) (default: recipe; on for "
+        "sparsegpt, and for alps at unstructured sparsity above 60%%)",
     )
     g.add_argument(
         "--allocation",
         choices=("uniform", "owl", "curve", "evo"),
         default=None,
         help="per-layer sparsity at the same overall sparsity: uniform, OWL outlier ratio, measured "
-        "error curves, or evo (searched per block, KL to the dense model; seeded, slower) (default: owl for alps at unstructured sparsity above 60%%, else uniform)",
+        "error curves, or evo (searched per block, KL to the dense model; seeded, slower) "
+        "(default: recipe; owl for alps at unstructured sparsity above 60%%, else uniform)",
     )
     g.add_argument(
-        "--dampening-frac", type=float, default=None, help="λ = frac · mean(diag G) (solver default 0.01)"
+        "--dampening-frac",
+        type=float,
+        default=None,
+        help="λ = frac · mean(diag G) (default: the solver's, 0.01)",
     )
     g.add_argument(
         "--solver-opt",
@@ -118,13 +137,79 @@ def add_pruning_args(p: argparse.ArgumentParser, single: bool = True) -> None:
     c.add_argument("--calib-split", default=None, help="split of --calib (default: its calibration split)")
     c.add_argument("--text-field", default="text", help="text column of HF / jsonl / parquet sources")
     c.add_argument(
-        "--nsamples", type=int, default=None, help="calibration windows (default 32 bundled / 128 otherwise)"
+        "--nsamples",
+        type=int,
+        default=None,
+        help="calibration windows (default: 32 for the bundled model, 128 otherwise)",
     )
     c.add_argument(
-        "--seqlen", type=int, default=None, help="tokens per window (default 512 bundled / 2048 otherwise)"
+        "--seqlen",
+        type=int,
+        default=None,
+        help="tokens per window (default: 512 for the bundled model, 2048 otherwise)",
     )
     c.add_argument("--seed", type=int, default=0, help="seed of the calibration window draw")
     c.add_argument("--batch-size", type=int, default=1, help="calibration windows per forward pass")
+
+
+def add_loading_args(p: argparse.ArgumentParser, device_map: bool = False) -> None:
+    """How the model is fetched: Hub revision, download cache, remote code; ``device_map``: the
+    accelerate placement flags (``alpsprune eval`` only — pruning places blocks itself)."""
+    g = p.add_argument_group("model loading")
+    g.add_argument(
+        "--revision", default=None, help="branch, tag or commit of a Hub model (default: the Hub's main)"
+    )
+    g.add_argument("--cache-dir", default=None, help="Hugging Face download cache (default: $HF_HOME/hub)")
+    g.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run Python code shipped in the model's repository (some architectures need it); only for "
+        "repositories you trust",
+    )
+    if device_map:
+        g.add_argument(
+            "--device-map",
+            default=None,
+            help="accelerate device map: auto | balanced | sequential | cpu | cuda:N; spreads a model "
+            "larger than one GPU over GPUs and CPU (default: the whole model on --device)",
+        )
+        g.add_argument(
+            "--max-memory",
+            default=None,
+            metavar="DEV=SIZE,...",
+            help="per-device memory for the device map, e.g. 0=20GiB,cpu=60GiB (implies --device-map auto)",
+        )
+
+
+def load_options(args) -> dict:
+    """``load_model`` / ``load_tokenizer`` keywords from the loading flags (warns once on remote code)."""
+    opts = {
+        "trust_remote_code": bool(args.trust_remote_code),
+        "revision": args.revision,
+        "cache_dir": args.cache_dir,
+    }
+    if args.trust_remote_code:
+        log.warning(
+            "warning: --trust-remote-code runs Python code from the repository of %s with your permissions",
+            args.model or "the model",
+        )
+    return opts
+
+
+def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
+    """``"0=20GiB,cpu=60GiB"`` → ``{0: "20GiB", "cpu": "60GiB"}`` (accelerate's ``max_memory``)."""
+    if text is None:
+        return None
+    out: dict[int | str, str] = {}
+    for item in parse_list(text):
+        key, sep, size = item.partition("=")
+        key, size = key.strip(), size.strip()
+        if not sep or not key or not re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B|B)?", size, re.IGNORECASE):
+            raise UsageError(f"--max-memory item {item!r}: expected DEVICE=SIZE such as 0=20GiB or cpu=60GiB")
+        out[int(key) if key.isdigit() else key] = size
+    if not out:
+        raise UsageError("--max-memory is empty; give e.g. 0=20GiB,cpu=60GiB")
+    return out
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -203,13 +288,17 @@ def _literal(value: str):
     return value
 
 
-def calib_shape(args) -> tuple[int, int]:
-    bundled = args.model is None
+def default_calib_shape(bundled: bool, nsamples: int | None, seqlen: int | None) -> tuple[int, int]:
+    """Calibration windows × tokens: the given values, else the bundled demo's or the papers' defaults
+    (shared by the CLI and :func:`alpsprune.oneshot`)."""
     # `is None`, not `or`: an explicit 0 is an error, not a request for the default.
-    nsamples = (
-        args.nsamples if args.nsamples is not None else (DEMO_NSAMPLES if bundled else STANDARD_NSAMPLES)
-    )
-    seqlen = args.seqlen if args.seqlen is not None else (DEMO_SEQLEN if bundled else STANDARD_SEQLEN)
+    nsamples = nsamples if nsamples is not None else (DEMO_NSAMPLES if bundled else STANDARD_NSAMPLES)
+    seqlen = seqlen if seqlen is not None else (DEMO_SEQLEN if bundled else STANDARD_SEQLEN)
+    return nsamples, seqlen
+
+
+def calib_shape(args) -> tuple[int, int]:
+    nsamples, seqlen = default_calib_shape(args.model is None, args.nsamples, args.seqlen)
     if nsamples < 1:
         raise UsageError(f"--nsamples must be at least 1, got {nsamples}")
     if seqlen < 8:

@@ -16,6 +16,7 @@ from .common import (
     HelpFormatter,
     UsageError,
     add_eval_args,
+    add_loading_args,
     add_model_arg,
     add_pruning_args,
     add_runtime_args,
@@ -27,6 +28,7 @@ from .common import (
     check_output,
     default_output,
     eval_settings,
+    load_options,
     parse_list,
     parse_solver_opts,
     pipeline_options,
@@ -55,6 +57,7 @@ def add_parser(sub) -> None:
         formatter_class=HelpFormatter,
     )
     add_model_arg(p)
+    add_loading_args(p)
     p.add_argument("--methods", default="magnitude,wanda,sparsegpt,alps", help="comma list of methods")
     p.add_argument(
         "--sparsities", default="0.5,0.6,0.7,0.8,2:4", help="comma list of sparsities and/or N:M patterns"
@@ -111,6 +114,7 @@ def run(args) -> int:
     check_device(args.device)
     check_dtype(args.dtype, args.device)
     check_model_arg(args.model)
+    load = load_options(args)
     datasets, eval_seqlen, max_windows = eval_settings(args)
     if not datasets:
         raise UsageError("compare needs at least one --eval dataset")
@@ -129,7 +133,7 @@ def run(args) -> int:
     from ..pipeline import plan_pruning, prune_model
     from .prune import evaluate
 
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, **load)
     for method in methods:  # validate every combination before the first long run
         for spec in specs:
             plan_pruning(

@@ -19,6 +19,7 @@ from .common import (
     HelpFormatter,
     UsageError,
     add_eval_args,
+    add_loading_args,
     add_model_arg,
     add_pruning_args,
     add_runtime_args,
@@ -32,6 +33,7 @@ from .common import (
     check_solver_opts,
     default_output,
     eval_settings,
+    load_options,
     parse_solver_opts,
     pipeline_options,
     setup_logging,
@@ -64,6 +66,7 @@ def add_parser(sub) -> None:
         formatter_class=HelpFormatter,
     )
     add_model_arg(p)
+    add_loading_args(p)
     add_pruning_args(p)
     add_runtime_args(p)
     add_eval_args(p)
@@ -111,6 +114,7 @@ def run(args) -> int:
     check_device(device)
     check_dtype(args.dtype, device)
     check_model_arg(args.model)
+    load = load_options(args)
     datasets, eval_seqlen, max_windows = eval_settings(args)
     from ..data import check_disjoint, resolve_source
 
@@ -144,14 +148,14 @@ def run(args) -> int:
         )
         return len(p.layer_names), len(p.blocks)
 
-    skeleton = model_skeleton(args.model)  # config only, on the meta device: no weights read
+    skeleton = model_skeleton(args.model, **load)  # config only, on the meta device: no weights read
     if skeleton is not None:
         plan(skeleton)
         del skeleton
     log.info("calibration: %d × %d tokens from %s (seed %d)", nsamples, seqlen, args.calib, args.seed)
     calibration = get_calibration(
         args.calib,
-        load_tokenizer(args.model),
+        load_tokenizer(args.model, **load),
         nsamples,
         seqlen,
         args.seed,
@@ -160,7 +164,7 @@ def run(args) -> int:
     )
 
     log.info("loading %s", args.model or "bundled SmolLM2-135M-Instruct")
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, **load)
     n_layers, n_blocks = plan(model)
     log.info(
         "targets: %d linear layers in %d blocks (targets=%s, ignore=%s)",

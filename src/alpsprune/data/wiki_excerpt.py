@@ -42,7 +42,9 @@ def gensim_test_data() -> Path:
     """Folder of gensim's bundled test data (located without importing gensim)."""
     spec = importlib.util.find_spec("gensim")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("the 'wiki-excerpt' and 'lee' sources need gensim: pip install gensim==4.4.0")
+        raise DataError(
+            "the 'wiki-excerpt' and 'lee' sources need gensim (the demo extra): pip install 'alpsprune[demo]'"
+        )
     return Path(next(iter(spec.submodule_search_locations))) / "test" / "test_data"
 
 

@@ -66,15 +66,21 @@ def symmetric_product(M: torch.Tensor) -> torch.Tensor:
     """``M Mᵀ`` computing only the row blocks' upper parts and mirroring them (like BLAS syrk).
 
     With ``b`` row blocks it costs ``(b+1)/(2b)`` of a full product: ~20% less time for 1536² here.
+    Symmetric by construction, bit for bit: a GEMM's square diagonal block ``M_b M_bᵀ`` is not
+    (MKL's AVX-512 kernels sum the two triangles in different orders), so only its upper triangle is
+    kept and mirrored, like every off-diagonal block.
     """
     n = M.shape[0]
     out = torch.empty(n, n, dtype=M.dtype, device=M.device)
     blocks = _row_blocks(n)
     edges = [round(i * n / blocks) for i in range(blocks + 1)]
     for lo, hi in zip(edges, edges[1:]):
-        part = M[lo:hi] @ M[lo:].T
-        out[lo:hi, lo:] = part
-        out[lo:, lo:hi] = part.T
+        part = M[lo:hi] @ M[lo:].T  # (hi-lo, n-lo): the diagonal block, then everything right of it
+        width = hi - lo
+        upper = part[:, :width].triu()
+        out[lo:hi, lo:hi] = upper + upper.triu(1).T
+        out[lo:hi, hi:] = part[:, width:]
+        out[hi:, lo:hi] = part[:, width:].T
     return out
 
 
