@@ -197,10 +197,9 @@ def reference_runs(data: dict) -> list[dict]:
 
 
 def _seconds(r: dict, b: dict) -> float:
-    """Time ratio: CPU seconds when both runs have them (a shared machine inflates wall time), else wall."""
-    if "cpu_seconds" in r and "cpu_seconds" in b:
-        return r["cpu_seconds"] / b["cpu_seconds"]
-    return r["seconds"] / b["seconds"]
+    """Time ratio in CPU seconds (a shared machine inflates wall time); a run without them (the issue-9
+    reference rows: one thread per run, two runs on two cores, so wall ≈ CPU) counts its wall time."""
+    return r.get("cpu_seconds", r["seconds"]) / b.get("cpu_seconds", b["seconds"])
 
 
 def write_table(data: dict, out: Path) -> None:
@@ -263,7 +262,7 @@ def plot(runs: list[dict], dense: dict, path: Path) -> None:
     FigureCanvasAgg(fig)
     for k, domain in enumerate(DOMAINS):
         ax = fig.add_subplot(1, 2, k + 1)
-        for variant in VARIANTS:
+        for color, variant in enumerate(VARIANTS):  # one colour per variant in both panels
             pts: dict[float, list[float]] = {}
             for r in runs:
                 if r["variant"] == variant and ":" not in r["pattern"] and domain in r["ppl"]:
@@ -271,7 +270,7 @@ def plot(runs: list[dict], dense: dict, path: Path) -> None:
             if pts:
                 xs = sorted(pts)
                 ys = [min(pts[x]) for x in xs]  # best seed; the table lists every seed
-                ax.plot([100 * x for x in xs], ys, marker="o", label=variant)
+                ax.plot([100 * x for x in xs], ys, marker="o", color=f"C{color}", label=variant)
         if domain in dense:
             ax.axhline(dense[domain], color="gray", ls=":", label="dense")
             ax.axhline(3 * dense[domain], color="gray", ls="--", lw=0.8, label="3× dense")
