@@ -107,6 +107,7 @@ def test_search_exact_deterministic_and_leaves_model_unchanged():
 
 def test_search_unequal_blocks_only_trade_within_a_size_class():
     model = make_tiny_model("llama")
+    model.train()  # the search scores in eval mode and gives the mode back
     calib = calibration()
     res = search_allocation(
         model,
@@ -116,6 +117,7 @@ def test_search_unequal_blocks_only_trade_within_a_size_class():
         progress=False,
         settings=EvoSettings(**{**FAST.__dict__, "generations": 12}),
     )
+    assert model.training
     assert res.levels[0] == 0  # block 0 is smaller than the others: no partner to trade with
     assert sum(res.levels) == 0
     k, _ = kept(model, res.allocation, ignore=[r".*layers\.0\.mlp.*"])
