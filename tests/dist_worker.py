@@ -15,6 +15,8 @@ CONFIGS = [
         5,
     ),
     ("alps-2of4-faithful", {"method": "alps", "mask_structure": "2:4", "faithful": True}, 4),
+    # ALPS's default recipe above 60%: OWL's statistics pass sharded over the ranks like calibration
+    ("alps-owl-dense-target", {"method": "alps", "sparsity": 0.7, "batch_size": 1}, 5),
 ]
 
 
@@ -50,9 +52,17 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     out = Path(out_dir)
     results = {}
     for name, kwargs, nsamples in CONFIGS:
-        # a checkpoint folder per rank: only rank 0's may ever appear
-        weights, report = run_config(parallel, kwargs, nsamples, out / f"ckpt-{name}-rank{rank}")
+        # one checkpoint folder shared by the ranks: each writes its own shard of the block inputs
+        weights, report = run_config(parallel, kwargs, nsamples, out / f"ckpt-{name}")
         results[name] = {"weights": weights, "records": [r.name for r in report.layers]}
+
+    # the CLI frees each block on ranks other than 0 once it is pruned: rank 0's model is unchanged
+    name, kwargs, nsamples = CONFIGS[0]
+    weights, _ = run_config(parallel, {**kwargs, "release_blocks": not parallel.is_main}, nsamples, None)
+    results["released"] = {
+        "weights": weights if parallel.is_main else None,
+        "all_meta": all(w.device.type == "meta" for w in weights.values()),
+    }
 
     # a failing solve on one rank stops every rank at the same task, with the layer's message
     def fn(name, leader):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
 from alpsprune.parallel import Distributed, assign_tasks, layer_cost, single_process
 
@@ -116,9 +117,11 @@ def test_two_processes_match_single_process(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
     single = single_process()
+    expected_of = {}
     for name, kwargs, nsamples in dist_worker.CONFIGS:
         ckpt = tmp_path / f"single-{name}"
         expected, report = dist_worker.run_config(single, kwargs, nsamples, ckpt)
+        expected_of[name] = expected
         for rank, res in enumerate(ranks):
             got = res[name]["weights"]
             assert got.keys() == expected.keys()
@@ -126,15 +129,27 @@ def test_two_processes_match_single_process(tmp_path):
                 assert torch.equal((got[layer] == 0), (w == 0)), f"{name} rank {rank} {layer}: masks differ"
                 assert torch.equal(got[layer], w), f"{name} rank {rank} {layer}: weights differ"
             assert res[name]["records"] == [r.name for r in report.layers]
-        # rank 0 alone wrote the checkpoint, and its gathered block inputs are the single run's, in order
-        assert not (tmp_path / f"ckpt-{name}-rank1").exists()
-        dist_ckpt = tmp_path / f"ckpt-{name}-rank0"
+        # each rank wrote its own shard of the block inputs as safetensors (nothing gathered or pickled);
+        # together, in rank order, they are the single run's inputs
+        dist_ckpt = tmp_path / f"ckpt-{name}"
         state = json.loads((dist_ckpt / "state.json").read_text())
         assert state["next_block"] == 3
-        a = torch.load(dist_ckpt / state["inputs_file"], weights_only=True)
-        b = torch.load(ckpt / state["inputs_file"], weights_only=True)
-        assert len(a["hidden"]) == len(b["hidden"])
-        assert all(torch.equal(x, y) for x, y in zip(a["hidden"], b["hidden"]))
+        assert state["inputs"]["files"] == [f"inputs_0002_rank{r}.safetensors" for r in range(2)]
+        assert sum(state["inputs"]["windows"]) == nsamples and min(state["inputs"]["windows"]) >= 1
+        assert not list(dist_ckpt.glob("*.pt"))
+        single_state = json.loads((ckpt / "state.json").read_text())
+        streams = ["hidden", "dense"] if state["inputs"]["dense"] else ["hidden"]
+        for stream in streams:
+            a = torch.cat([load_file(dist_ckpt / f)[stream] for f in state["inputs"]["files"]])
+            b = load_file(ckpt / single_state["inputs"]["files"][0])[stream]
+            assert torch.equal(a, b), stream
+
+    # with release_blocks on rank 1 only: rank 0 still has the single process's model, rank 1 none of it
+    released = ranks[0]["released"]["weights"]
+    expected = expected_of[dist_worker.CONFIGS[0][0]]
+    assert released.keys() == expected.keys()
+    assert all(torch.equal(released[k], w) for k, w in expected.items())
+    assert not ranks[0]["released"]["all_meta"] and ranks[1]["released"]["all_meta"]
 
     for res in ranks:
         assert res["error"] is not None and "b: boom" in res["error"]

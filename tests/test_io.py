@@ -116,18 +116,24 @@ def test_interrupted_save_leaves_nothing_complete(tmp_path: Path, monkeypatch: p
 def test_interrupted_overwrite_keeps_previous_output(
     saved: tuple[torch.nn.Module, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A failure while the new files move in (the second one): the previous files are put back."""
     model, out = saved
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     real_replace = os.replace
+    moved_in: list[str] = []
 
     def failing_replace(src: object, dst: object) -> None:
-        if str(src).endswith(f".tmp-{os.getpid()}"):
-            raise OSError("disk full")
+        if Path(dst).parent == out and ".tmp-" in Path(src).parent.name:  # a new file moving in
+            moved_in.append(Path(dst).name)
+            if len(moved_in) == 2:
+                raise OSError("disk full")
         real_replace(src, dst)
 
     monkeypatch.setattr(io.os, "replace", failing_replace)
     with pytest.raises(OutputError, match="disk full"):
         io.save_pruned(make_tiny_model("llama", seed=3), None, out, overwrite=True)
     assert io.is_complete_output(out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     torch.testing.assert_close(_logits(_reload(out)), _logits(model))
     assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
 

@@ -85,8 +85,12 @@ def test_regex_targets_and_ignore(tiny_llama: nn.Module) -> None:
 
 def test_require_targets_errors(tiny_llama: nn.Module) -> None:
     assert len(require_targets(tiny_llama)) == 7 * LAYERS
-    with pytest.raises(TargetError, match=r"select no layer.*model\.layers\.0\.self_attn\.q_proj"):
+    with pytest.raises(
+        TargetError, match=r"'no_such_layer' matches no module.*model\.layers\.0\.self_attn\.q_proj"
+    ):
         require_targets(tiny_llama, targets=["no_such_layer"])
+    with pytest.raises(TargetError, match=r"select no layer.*model\.layers\.0\.self_attn\.q_proj"):
+        require_targets(tiny_llama, targets=["embed_tokens"])  # a module, but not a linear in the blocks
     with pytest.raises(TargetError, match="select no layer"):
         require_targets(tiny_llama, ignore=[".*"])
     with pytest.raises(TargetError, match="invalid targets regex"):

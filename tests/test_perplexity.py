@@ -73,15 +73,57 @@ def test_training_mode_restored(model, tok):
     model.eval()
 
 
-def test_offloaded_evaluation_matches_in_memory():
-    """offload=True (one block at a time on the device, hooks on the model's own forward) gives the same
-    perplexity and leaves the weights where they were."""
+def _count_block_moves(model) -> list[int]:
+    """Count ``.to(...)`` calls on every decoder block (a read-only visit = one move to the device)."""
+    from alpsprune.models import find_decoder_blocks
+
+    _, blocks = find_decoder_blocks(model)
+    counts = [0] * len(blocks)
+    for i, block in enumerate(blocks):
+        original = block.to
+
+        def counting(*args, i=i, original=original, **kwargs):
+            counts[i] += 1
+            return original(*args, **kwargs)
+
+        block.to = counting
+    return counts
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "opt", "gpt2"])
+def test_offloaded_evaluation_streams_blocks(arch):
+    """offload=True runs block by block over all windows: each block visits the device once per
+    evaluation (not once per window), the perplexity equals the plain forward's, the weights stay put."""
+    from tiny_models import make_tiny_model
+
+    model = make_tiny_model(arch)
+    ids = torch.randint(0, model.config.vocab_size, (5 * 16 + 5,), generator=torch.Generator().manual_seed(0))
+    plain = alpsprune.perplexity(model, None, ids, seqlen=16, progress=False)
+    for batch_size, place in ((1, True), (2, "disk"), (5, "device")):
+        counts = _count_block_moves(model)
+        off = alpsprune.perplexity(
+            model,
+            None,
+            ids,
+            seqlen=16,
+            batch_size=batch_size,
+            progress=False,
+            offload=True,
+            offload_activations=place,
+            device="cpu",
+        )
+        assert counts == [1] * len(counts), counts  # one visit for 5 windows (its own tensors put back)
+        assert off.windows == plain.windows == 5
+        assert off.ppl == pytest.approx(plain.ppl, rel=1e-6)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_resident_evaluation_moves_no_block():
     from tiny_models import make_tiny_model
 
     model = make_tiny_model("llama")
-    ids = torch.randint(0, model.config.vocab_size, (3 * 16 + 5,), generator=torch.Generator().manual_seed(0))
-    plain = alpsprune.perplexity(model, None, ids, seqlen=16, progress=False)
-    off = alpsprune.perplexity(model, None, ids, seqlen=16, progress=False, offload=True, device="cpu")
-    assert off.windows == plain.windows == 3
-    assert off.ppl == pytest.approx(plain.ppl, rel=1e-6)
-    assert all(p.device.type == "cpu" for p in model.parameters())
+    ids = torch.arange(3 * 16) % model.config.vocab_size
+    counts = _count_block_moves(model)
+    auto = alpsprune.perplexity(model, None, ids, seqlen=16, progress=False, offload="auto", device="cpu")
+    assert counts == [0] * len(counts)  # on the CPU the model is resident already
+    assert auto.ppl == alpsprune.perplexity(model, None, ids, seqlen=16, progress=False).ppl

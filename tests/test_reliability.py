@@ -50,10 +50,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _stale_checkpoint(files: dict[str, Path], out: Path) -> None:
-    """A real checkpoint of another run (other sparsity, other calibration) in `out/checkpoint`."""
-    from alpsprune import prune_model
+    """A real checkpoint of another run of the same model (other sparsity, other calibration) in `out/checkpoint`."""
+    from alpsprune import load_model, prune_model
 
-    model = make_tiny_model("llama", num_hidden_layers=2)
+    model, _ = load_model(files["tiny"])
     calib = torch.randint(3, 200, (1, 16), generator=torch.Generator().manual_seed(0))
     prune_model(
         model, calib, method="magnitude", sparsity=0.3, checkpoint_dir=out / "checkpoint", progress=False
@@ -90,7 +90,7 @@ CASES = [
         "targets-match-nothing",
         ["{tiny}", "--targets", "attention_xyz"],
         errors.TargetError,
-        ["select no layer", "attention_xyz", "model.layers.0.self_attn.q_proj"],
+        ["targets pattern 'attention_xyz' matches no module", "model.layers.0.self_attn.q_proj"],
         True,
     ),
     (
@@ -118,7 +118,7 @@ CASES = [
         "output-complete",
         ["{tiny}", "--output", "{done}"],
         errors.OutputError,
-        ["already holds a complete run", "--overwrite"],
+        ["already holds a complete alpsprune output", "--overwrite"],
         True,
     ),
     (
@@ -301,7 +301,7 @@ def test_corrupt_checkpoint_is_a_checkpoint_error(tmp_path) -> None:
     calib = torch.randint(3, 200, (1, 16), generator=torch.Generator().manual_seed(0))
     kwargs = dict(method="magnitude", sparsity=0.5, progress=False, checkpoint_dir=tmp_path / "ck")
     prune_model(make_tiny_model("llama", num_hidden_layers=2), calib, **kwargs)
-    inputs = json.loads((tmp_path / "ck" / "state.json").read_text())["inputs_file"]
+    inputs = json.loads((tmp_path / "ck" / "state.json").read_text())["inputs"]["files"][0]
     (tmp_path / "ck" / inputs).write_bytes(b"truncated")
     with pytest.raises(errors.CheckpointError, match="corrupt"):
         prune_model(make_tiny_model("llama", num_hidden_layers=2), calib, resume=True, **kwargs)

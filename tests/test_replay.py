@@ -124,10 +124,34 @@ def _prune(arch: str, **options) -> tuple[dict[str, torch.Tensor], list[float], 
 def test_pipeline_with_replay_is_bit_identical(arch, monkeypatch):
     """The sub-layer, dense-target pipeline gives exactly the same model with and without replay, and
     replay really skips linear forwards."""
-    options = {"method": "alps", "dense_target": True, "allocation": "uniform"}
+    options = {"method": "alps", "dense_target": True, "allocation": "uniform", "replay_memory": None}
     weights, errors, ran = _prune(arch, **options)
     _without_replay(monkeypatch)
     weights_ref, errors_ref, ran_ref = _prune(arch, **options)
     assert errors == errors_ref
     assert all(torch.equal(weights[n], weights_ref[n]) for n in weights)
     assert ran < ran_ref
+
+
+def test_replay_budget_bounds_the_cache(monkeypatch):
+    """With a byte budget the recorded outputs never exceed it, some work is still skipped, and the
+    model is the same as without replay."""
+    peak = [0]
+    drop = BlockReplay._drop_covered
+
+    def spy(self, n_batches):
+        peak[0] = max(peak[0], self.nbytes)  # records only grow during a pass: this is its peak
+        drop(self, n_batches)
+
+    monkeypatch.setattr(BlockReplay, "_drop_covered", spy)
+    options = {"method": "sparsegpt", "dense_target": True, "allocation": "uniform"}
+    budget = 4 * 24 * 64 * 4  # one hidden stream of the calibration set (float32): the attention output fits
+    weights, errors, ran = _prune("llama", **options, replay_memory=budget)
+    assert 0 < peak[0] <= budget
+    weights_off, errors_off, ran_off = _prune("llama", **options, replay_memory=0)
+    weights_all, _, ran_all = _prune("llama", **options, replay_memory=None)
+    assert errors == errors_off
+    assert all(
+        torch.equal(weights[n], weights_off[n]) and torch.equal(weights[n], weights_all[n]) for n in weights
+    )
+    assert ran_all < ran < ran_off

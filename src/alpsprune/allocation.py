@@ -50,15 +50,16 @@ from tqdm.auto import tqdm
 
 from .errors import AlpsPruneError
 from .models import (
-    capture_block_inputs,
     find_decoder_blocks,
     find_target_linears,
     get_weight,
     input_hooks,
     run_block,
 )
+from .parallel import Parallel, single_process
 from .solvers import prune_layer, solver_options
 from .stats import Gram
+from .streaming import ActivationStream, Placement, capture_stream, resolve_device, visiting
 
 log = logging.getLogger("alpsprune")
 
@@ -297,22 +298,26 @@ def exact_allocation(
 def _dense_block_pass(
     block: nn.Module,
     layers: dict[str, nn.Module],
-    hidden: list[torch.Tensor],
+    hidden: ActivationStream,
     kwargs_of: Callable[[int], dict],
     device: torch.device,
     full: bool,
-) -> tuple[dict[str, Gram | torch.Tensor], list[torch.Tensor]]:
-    """Run the dense block on every batch; return per-layer statistics and the block outputs.
+    parallel: Parallel,
+) -> dict[str, Gram | torch.Tensor]:
+    """Run the dense block on every batch, replacing each by the block's output (in place); return
+    per-layer statistics summed over every rank's batches.
 
     ``full``: one :class:`Gram` per distinct input tensor (layers reading the same tensor — q/k/v,
     gate/up — share the object, so factorisations are shared), else ``Σ x_j²`` (float64), likewise
-    computed once per distinct input tensor.
+    computed once per distinct input tensor. The squares are summed batch by batch in the order of
+    the whole calibration set (each rank's per-batch sums are gathered first), so any number of
+    ranks gives the single process's result bit for bit.
     """
-    stats: dict[str, Gram | torch.Tensor] = {}
-    owner: dict[str, str] = {}  # layer → the layer whose Gram it shares
+    grams: dict[str, Gram] = {}
+    squares: dict[str, list[torch.Tensor]] = {}  # per batch, for the ordered sum over ranks
+    owner: dict[str, str] = {}  # layer → the layer whose statistics it shares
     seen: dict[tuple, str] = {}
     alive: list[torch.Tensor] = []  # inputs of this pass, kept so their storage cannot be reused
-    outputs = []
 
     def record(name: str, x: torch.Tensor) -> None:
         key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)
@@ -323,17 +328,34 @@ def _dense_block_pass(
             return
         x2 = x.reshape(-1, x.shape[-1])
         if full:
-            stats.setdefault(name, Gram(x.shape[-1], device=device)).add_batch(x2)
+            grams.setdefault(name, Gram(x.shape[-1], device=device)).add_batch(x2)
         else:
-            sq = x2.to(torch.float64).pow(2).sum(0)
-            stats[name] = sq if name not in stats else stats[name] + sq
+            squares.setdefault(name, []).append(x2.to(torch.float64).pow(2).sum(0))
 
     with input_hooks(layers, record), torch.no_grad():
-        for b, h in enumerate(hidden):
+        for b in range(len(hidden)):
             seen.clear()
             alive.clear()
-            outputs.append(run_block(block, h.to(device), kwargs_of(b)))
-    return {name: stats[owner[name]] for name in layers if name in owner}, outputs
+            hidden.put(b, run_block(block, hidden.fetch(b), kwargs_of(b)))
+    alive.clear()
+    if full:
+        parallel.all_reduce_grams(grams)
+        stats: dict[str, Gram | torch.Tensor] = dict(grams)
+    else:
+        # per layer, in the same order on every rank (a rank whose batches never reached a layer,
+        # e.g. an unrouted expert, still takes part with no rows)
+        stats = {}
+        for name, module in layers.items():
+            mine = squares.get(owner.get(name, ""), [])
+            width = get_weight(module).shape[1]
+            rows = torch.stack(mine) if mine else torch.zeros(0, width, dtype=torch.float64, device=device)
+            total = None
+            for row in parallel.all_gather_rows(rows):  # the single process's left-to-right sum
+                total = row if total is None else total + row
+            if total is not None:
+                stats[name] = total
+        return stats
+    return {name: stats[owner[name]] for name in layers if name in owner}
 
 
 def allocate(
@@ -355,6 +377,9 @@ def allocate(
     curve_points: int = 5,
     curve_weights: str = "uniform",
     batch_size: int = 1,
+    offload_activations: bool | str = False,
+    offload_dir=None,
+    parallel: Parallel | None = None,
     **solver_opts,
 ) -> dict[str, float]:
     """Per-layer sparsities (full dotted name → fraction pruned) for every targeted layer.
@@ -373,9 +398,12 @@ def allocate(
     :param curve_method: solver used for the curves (default ``sparsegpt`` for ``alps``, else ``method``).
     :param curve_points: sparsities per curve, evenly spaced over the bounds (``s`` is always one).
     :param curve_weights: ``"uniform"`` (w_l = 1) or ``"size"`` (w_l ∝ parameter count).
+    :param offload_activations: where the activation stream lives (as for ``prune_model``).
+    :param parallel: distributed context: each rank streams its share of the calibration windows
+        (as ``prune_model`` does) and the statistics are summed over ranks; every rank gets the
+        same allocation, equal to the single process's.
     :param solver_opts: options of ``method``; those the curve solver also accepts are passed on.
     """
-    from .pipeline import resolve_device  # local: pipeline imports much more
 
     if mode == "evo":  # searched allocation (EvoPress-style), in its own module
         from .evo import evo_allocation
@@ -414,9 +442,11 @@ def allocate(
         if curve_points < 2:
             raise AlpsPruneError("curve_points must be at least 2")
     device = resolve_device(device)
+    parallel = parallel or single_process()
+    placement = Placement.make(device, offload_activations, offload_dir)
     t0 = time.perf_counter()
     with torch.no_grad():
-        inputs = capture_block_inputs(model, calibration, device, batch_size=batch_size)
+        inputs = capture_stream(model, parallel.shard(calibration, batch_size), placement, batch_size)
     hidden = inputs.hidden
     lo, hi = bounds
     points = sorted({*np.linspace(lo, hi, curve_points).tolist(), sparsity})
@@ -426,18 +456,17 @@ def allocate(
     bar = tqdm(total=len(blocks), desc=f"allocation ({mode})", unit="block", disable=not progress)
     try:
         for index, block in enumerate(blocks):
-            home = next(block.parameters()).device
-            block.to(device)
             block_layers = layers[index]
-            stats, hidden = _dense_block_pass(
-                block,
-                block_layers,
-                hidden,
-                lambda b, i=index: inputs.kwargs_for(i, b),
-                device,
-                full=mode == "curve",
-            )
-            inputs.hidden = hidden
+            with visiting(block, device, writes=False):  # the dense model: read only
+                stats = _dense_block_pass(
+                    block,
+                    block_layers,
+                    hidden,
+                    lambda b, i=index: inputs.kwargs_for(i, b),
+                    device,
+                    full=mode == "curve",
+                    parallel=parallel,
+                )
             if block_layers and mode == "owl":
                 scores = [  # Wanda scores |W_ij|·‖X_j‖₂; a layer the pass never reached scores 0
                     get_weight(m).detach().to(device, torch.float64).abs()
@@ -461,7 +490,6 @@ def allocate(
                     bar.set_postfix_str(n.rsplit(".", 1)[-1])
                 for g in {id(g): g for g in stats.values()}.values():
                     g.free()
-            block.to(home)
             bar.update(1)
     finally:
         bar.close()

@@ -2,12 +2,23 @@
 
 After block ``i`` the folder holds (each file written to a temporary name, then renamed):
 
-* ``block_0000.safetensors`` … ``block_i.safetensors`` — the pruned target weights of each block;
-* ``inputs_i.pt`` — the next block's calibration inputs (and the dense stream, if used);
-* ``state.json`` — the commit point: settings fingerprint, next block, report so far.
+* ``block_0000.safetensors`` … ``block_i.safetensors`` — the pruned target weights of each block
+  (written by rank 0; every rank holds the same pruned weights);
+* ``inputs_i_rank{r}.safetensors`` — the next block's calibration inputs of rank ``r``'s windows
+  (tensor ``hidden``, and ``dense`` for the dense stream), one window per row: every rank writes its
+  own shard, nothing is gathered or pickled;
+* ``state.json`` — the commit point: fingerprint, next block, the input shards and how many windows
+  each holds, the report so far;
+* ``dense_eval.json`` — the CLI's dense perplexities, with the settings they were measured with;
+* ``alpsprune_checkpoint.json`` — the ledger: the name of every file the checkpointer wrote.
 
 ``state.json`` is replaced last, so a crash at any moment leaves either the previous or the new
-consistent state; the older ``inputs_*.pt`` is removed only after that.
+consistent state; the previous block's input shards are removed only after that. Clean-up removes the
+files the ledger names (and only those), then the folder if it is then empty: whatever else a user
+keeps in the folder survives.
+
+Resuming re-batches and re-shards: the saved inputs are per window, so a resume with another
+``--batch-size`` or another number of processes reads exactly its windows and forms its own batches.
 
 Disk cost: the pruned weights of the targeted layers (about the model's size in its dtype, since
 every block is kept) plus one copy of the calibration activations:
@@ -16,83 +27,258 @@ every block is kept) plus one copy of the calibration activations:
 
 Determinism: the same model, calibration tokens (same source, ``nsamples``, ``seqlen`` and seed),
 method, options and library versions give the same pruned weights, bit for bit, on CPU — and a run
-killed and resumed from a checkpoint gives exactly the weights of an uninterrupted one, since the
-saved block inputs are the exact tensors the next block would have seen. Solvers break ties by
-index, never by chance. On GPU, cuBLAS reductions and ``torch.linalg.eigh``/Cholesky may differ in
-the last bits between runs, GPU models or driver versions, and a support decision on a near-tie
-can then flip; results agree to rounding, not bit for bit. Resuming on another device than the
-one that wrote the checkpoint is allowed (the device is not part of the fingerprint) but is only
-as reproducible as that.
+killed and resumed from a checkpoint (same batch size) gives exactly the weights of an uninterrupted
+one, since the saved block inputs are the exact tensors the next block would have seen. Solvers break
+ties by index, never by chance. The fingerprint covers the settings, the calibration tokens and the
+model (config and a sample of every weight tensor), so a checkpoint is never continued with another
+model. On GPU, cuBLAS reductions and ``torch.linalg.eigh``/Cholesky may differ in the last bits
+between runs, GPU models or driver versions, and a support decision on a near-tie can then flip;
+results agree to rounding, not bit for bit. Resuming on another device, batch size or world size than
+the one that wrote the checkpoint is allowed (none of them is part of the fingerprint) but is only as
+reproducible as that.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, OutputError
 from .models import get_weight
 from .report import PruneReport
 
 STATE = "state.json"
+LEDGER = "alpsprune_checkpoint.json"
+DENSE_EVAL = "dense_eval.json"
+_LEDGER_MARK = "alpsprune checkpoint"
 _UNFINGERPRINTED = ("device", "world_size", "batch_size")  # may change between the run and the resume
+_SAMPLED = 4096  # weight entries hashed per tensor for the model's identity
 
 
-def fingerprint(settings: dict, calibration: torch.Tensor) -> str:
-    """Hash of what determines the result: settings (minus placement) and the calibration tokens."""
-    stable = {k: v for k, v in settings.items() if k not in _UNFINGERPRINTED}
-    h = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode())
-    h.update(calibration.cpu().contiguous().numpy().tobytes())
+# ---- identity ---------------------------------------------------------------------------------------
+
+
+def model_identity(model: nn.Module | None) -> str:
+    """A cheap digest of a model: its config and, per tensor, name, shape, dtype and ~4096 evenly spaced
+    entries. Two different checkpoints (even fine-tunes of one base) differ in it; reading it costs
+    milliseconds per tensor, not a pass over all weights."""
+    if model is None:
+        return ""
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        # private keys and names/versions/alpsprune's own settings do not change what the model computes
+        skip = {"_name_or_path", "transformers_version", "alpsprune", "architectures"}
+        items = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in skip}
+        h.update(json.dumps(items, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            if tensor.device.type == "meta" or tensor.numel() == 0:
+                continue
+            flat = tensor.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // _SAMPLED)].contiguous().cpu()
+            h.update(sample.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
-def _atomic(path: Path, write) -> None:
+def fingerprint(settings: dict, calibration: torch.Tensor, model: nn.Module | None = None) -> str:
+    """Hash of what determines the result: settings (minus placement), the calibration tokens, the model."""
+    stable = {k: v for k, v in settings.items() if k not in _UNFINGERPRINTED}
+    h = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode())
+    h.update(calibration.cpu().contiguous().numpy().tobytes())
+    h.update(model_identity(model).encode())
+    return h.hexdigest()
+
+
+# ---- the folder: what alpsprune wrote there, by name ------------------------------------------------
+
+
+def is_checkpoint_folder(path: str | os.PathLike[str]) -> bool:
+    """True if ``path`` holds an alpsprune checkpoint ledger."""
+    return CheckpointFolder(path).ledger() is not None
+
+
+def check_checkpoint_folder(path: str | os.PathLike[str], flag: str = "--checkpoint-dir") -> None:
+    """Refuse a checkpoint folder that holds files but no alpsprune ledger, and unsafe folders.
+
+    :raises OutputError: naming the folder and the way out.
+    """
+    from .io import refuse_unsafe_folder
+
+    folder = Path(path)
+    refuse_unsafe_folder(folder, flag)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{flag} {folder} exists and is not a folder; choose another {flag}")
+    if folder.is_dir() and any(folder.iterdir()) and not is_checkpoint_folder(folder):
+        shown = ", ".join(sorted(p.name for p in folder.iterdir())[:3])
+        raise OutputError(
+            f"{flag} {folder} is not empty and is not an alpsprune checkpoint (it holds {shown}); alpsprune "
+            f"never writes over files it did not create: choose another {flag}"
+        )
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write via ``<name>.tmp``, flush to disk, give the ordinary file mode, rename into place."""
+    from .io import file_mode
+
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
+    os.chmod(tmp, file_mode())  # safetensors creates files 0600
     os.replace(tmp, path)
 
 
-class Checkpointer:
-    """Writes a checkpoint after every block (rank 0 writes; all ranks take part in gathering)."""
+class CheckpointFolder:
+    """The files the checkpointer wrote in one folder, recorded by name in its ledger before each is
+    written; only those are ever replaced or removed."""
 
-    def __init__(self, directory, settings: dict, calibration: torch.Tensor):
+    def __init__(self, directory: str | os.PathLike[str]):
         self.dir = Path(directory)
-        self.fingerprint = fingerprint(settings, calibration)
+
+    def ledger(self) -> list[str] | None:
+        try:
+            data = json.loads((self.dir / LEDGER).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict) or data.get("written_by") != _LEDGER_MARK:
+            return None
+        return [
+            n for n in data.get("files", []) if isinstance(n, str) and "/" not in n and n not in ("", "..")
+        ]
+
+    def _set_ledger(self, names: Iterable[str]) -> None:
+        files = sorted(set(names))
+        data = {"written_by": _LEDGER_MARK, "files": files}
+        _atomic(self.dir / LEDGER, lambda p: p.write_text(json.dumps(data, indent=1) + "\n"))
+
+    def register(self, names: Iterable[str]) -> None:
+        """Record ``names`` as alpsprune's before they are written (a crash leaves no unrecorded file)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        known = self.ledger() or []
+        names = [n for n in names if n not in known]
+        if names or not (self.dir / LEDGER).exists():
+            self._set_ledger([*known, *names])
+
+    def write(self, name: str, write: Callable[[Path], None]) -> None:
+        self.register([name])
+        _atomic(self.dir / name, write)
+
+    def remove(self, names: Iterable[str]) -> None:
+        """Delete files the ledger names (and their temporary ``.tmp`` twins), then drop them from it."""
+        known = self.ledger() or []
+        names = [n for n in names if n in known]
+        for name in names:
+            (self.dir / name).unlink(missing_ok=True)
+            (self.dir / (name + ".tmp")).unlink(missing_ok=True)
+        if names:
+            self._set_ledger([n for n in known if n not in names])
+
+    def clean(self) -> None:
+        """Remove every file the checkpointer wrote, the ledger last, then the folder only if it is empty."""
+        known = self.ledger()
+        if known is None:
+            return
+        self.remove(known)
+        (self.dir / LEDGER).unlink(missing_ok=True)
+        (self.dir / (LEDGER + ".tmp")).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.dir.rmdir()  # fails, as it should, when anything else is in it
+
+
+def has_unfinished_run(directory: str | os.PathLike[str]) -> bool:
+    """A committed ``state.json`` that the ledger says alpsprune wrote."""
+    names = CheckpointFolder(directory).ledger()
+    return names is not None and STATE in names and (Path(directory) / STATE).is_file()
+
+
+# ---- dense evaluation, reused on resume only for the same model and evaluation settings ----------------
+
+
+def save_dense_eval(directory: str | os.PathLike[str], key: dict, results: dict) -> None:
+    payload = {"key": key, "results": results}
+    CheckpointFolder(directory).write(
+        DENSE_EVAL, lambda p: p.write_text(json.dumps(payload, sort_keys=True, default=str))
+    )
+
+
+def load_dense_eval(directory: str | os.PathLike[str], key: dict) -> dict | None:
+    """The saved dense results if they were measured with exactly ``key`` (model, datasets, windows...)."""
+    folder = CheckpointFolder(directory)
+    if DENSE_EVAL not in (folder.ledger() or []):
+        return None
+    try:
+        payload = json.loads((folder.dir / DENSE_EVAL).read_text())
+    except (OSError, ValueError):
+        return None
+    same = json.loads(json.dumps(key, sort_keys=True, default=str)) == payload.get("key")
+    return payload.get("results") if same else None
+
+
+# ---- writing and reading -----------------------------------------------------------------------------
+
+
+def _inputs_name(block: int, rank: int) -> str:
+    return f"inputs_{block:04d}_rank{rank}.safetensors"
+
+
+def _stack(batches: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([b.detach().cpu() for b in batches]).contiguous()
+
+
+class Checkpointer:
+    """Writes a checkpoint after every block: rank 0 the weights, the ledger and the state, every rank
+    its own input shard (all ranks call :meth:`save`)."""
+
+    def __init__(self, directory, settings: dict, calibration: torch.Tensor, model: nn.Module | None = None):
+        self.folder = CheckpointFolder(directory)
+        self.dir = self.folder.dir
+        check_checkpoint_folder(self.dir, flag="checkpoint folder")
+        self.fingerprint = fingerprint(settings, calibration, model)
+        self.model = model_identity(model)
 
     def save(
         self, index: int, layers: dict, hidden: list, dense: list | None, report: PruneReport, parallel
     ) -> None:
-        hidden = parallel.gather_list(hidden)
-        dense = parallel.gather_list(dense) if dense is not None else None
+        mine = sum(int(h.shape[0]) for h in hidden)
+        counts = parallel.gather_list([mine])  # one int per rank, on rank 0
+        names = [_inputs_name(index, r) for r in range(parallel.world_size)]
+        block_file = f"block_{index:04d}.safetensors"
+        if parallel.is_main:
+            self.folder.register([block_file, *names, STATE])
+        parallel.barrier()  # the names are in the ledger before any rank writes
+        tensors = {"hidden": _stack(hidden)} if hidden else {}
+        if dense is not None and dense:
+            tensors["dense"] = _stack(dense)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _atomic(self.dir / names[parallel.rank], lambda p: save_file(tensors, str(p)))
+        if parallel.is_main:
+            weights = {name: get_weight(m).contiguous().cpu() for name, m in layers.items()}
+            _atomic(self.dir / block_file, lambda p: save_file(weights, str(p)))
+        parallel.barrier()  # every shard is on disk before the state points at them
         if not parallel.is_main:
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        weights = {name: get_weight(m).contiguous().cpu() for name, m in layers.items()}
-        _atomic(self.dir / f"block_{index:04d}.safetensors", lambda p: save_file(weights, str(p)))
-        inputs_file = f"inputs_{index:04d}.pt"
-        payload = {
-            "hidden": [h.cpu() for h in hidden],
-            "dense": None if dense is None else [d.cpu() for d in dense],
-        }
-        _atomic(self.dir / inputs_file, lambda p: torch.save(payload, p))
         state = {
             "fingerprint": self.fingerprint,
+            "model": self.model,
             "next_block": index + 1,
-            "inputs_file": inputs_file,
+            "inputs": {"files": names, "windows": [int(c) for c in counts], "dense": dense is not None},
             "report": report.to_dict(),
         }
         _atomic(self.dir / STATE, lambda p: p.write_text(json.dumps(state, default=str)))
-        for old in self.dir.glob("inputs_*.pt"):
-            if old.name != inputs_file:
-                old.unlink(missing_ok=True)
+        stale = [n for n in self.folder.ledger() or [] if n.startswith("inputs_") and n not in names]
+        self.folder.remove(stale)
 
 
 @dataclass
@@ -112,8 +298,36 @@ class CheckpointState:
         return load_file(str(path))
 
 
-def load_checkpoint(directory, settings: dict, calibration: torch.Tensor) -> CheckpointState:
-    """Read a checkpoint and check it was made with the same settings and calibration tokens."""
+def _read_windows(directory: Path, inputs: dict, key: str, start: int, stop: int) -> torch.Tensor:
+    """Windows ``start … stop-1`` of the stream ``key``, read from the shards that hold them (lazily:
+    each rank reads only its own rows)."""
+    parts = []
+    offset = 0
+    for name, count in zip(inputs["files"], inputs["windows"]):
+        lo, hi = max(start, offset), min(stop, offset + count)
+        if lo < hi:
+            with safe_open(str(directory / name), framework="pt") as f:
+                parts.append(f.get_slice(key)[lo - offset : hi - offset])
+        offset += count
+    if offset < stop:
+        raise ValueError(f"the checkpoint holds {offset} calibration windows, {stop} are needed")
+    return torch.cat(parts)
+
+
+def load_checkpoint(
+    directory,
+    settings: dict,
+    calibration: torch.Tensor,
+    model: nn.Module | None = None,
+    parallel=None,
+    batch_size: int = 1,
+) -> CheckpointState:
+    """Read a checkpoint, check it was made with the same settings, calibration tokens and model, and
+    return this rank's block inputs in batches of ``batch_size`` (whatever batching and number of
+    processes wrote them)."""
+    from .parallel import single_process
+
+    parallel = parallel or single_process()
     directory = Path(directory) if directory else None
     if directory is None or not (directory / STATE).exists():
         raise CheckpointError(
@@ -125,13 +339,25 @@ def load_checkpoint(directory, settings: dict, calibration: torch.Tensor) -> Che
         raise CheckpointError(
             f"checkpoint {directory / STATE} is unreadable ({exc}); start again without --resume"
         ) from None
-    if state.get("fingerprint") != fingerprint(settings, calibration):
+    if state.get("fingerprint") != fingerprint(settings, calibration, model):
+        if state.get("model") != model_identity(model):
+            raise CheckpointError(
+                f"checkpoint in {directory} was made with a different model (its config or weights differ); "
+                "resume with the model that started the run, or start fresh without --resume"
+            )
         raise CheckpointError(
             f"checkpoint in {directory} was made with different settings or calibration data; "
             "use the same command line to resume, or start fresh without --resume"
         )
     try:
-        payload = torch.load(directory / state["inputs_file"], weights_only=True)
+        inputs = state["inputs"]
+        # this rank's windows under the current sharding, found by sharding the window indices themselves
+        mine = parallel.shard(torch.arange(calibration.shape[0]).unsqueeze(1), batch_size)[:, 0]
+        start, stop = int(mine[0]), int(mine[-1]) + 1
+        hidden = list(torch.split(_read_windows(directory, inputs, "hidden", start, stop), batch_size))
+        dense = None
+        if inputs.get("dense"):
+            dense = list(torch.split(_read_windows(directory, inputs, "dense", start, stop), batch_size))
         report = PruneReport.from_dict(state["report"])
         next_block = int(state["next_block"])
     except Exception as exc:  # a missing/truncated file or an older format: say so, do not crash
@@ -139,4 +365,4 @@ def load_checkpoint(directory, settings: dict, calibration: torch.Tensor) -> Che
             f"checkpoint {directory} is incomplete or corrupt ({type(exc).__name__}: {exc}); "
             "start again without --resume"
         ) from None
-    return CheckpointState(directory, next_block, payload["hidden"], payload["dense"], report)
+    return CheckpointState(directory, next_block, hidden, dense, report)

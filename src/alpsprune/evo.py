@@ -43,13 +43,14 @@ from tqdm.auto import tqdm
 
 from .errors import AlpsPruneError
 from .models import (
-    capture_block_inputs,
     find_decoder_blocks,
     find_target_linears,
     get_weight,
     set_weight,
 )
+from .parallel import single_process
 from .solvers import prune_layer, solver_options
+from .streaming import Placement, capture_stream, resolve_device, visiting
 
 log = logging.getLogger("alpsprune")
 
@@ -206,7 +207,6 @@ def search_allocation(
     :param solver_opts: options of ``method``; those the database solver accepts are passed on.
     """
     from .allocation import _dense_block_pass, default_bounds, exact_allocation  # local: no cycle
-    from .pipeline import resolve_device
 
     settings = settings or EvoSettings()
     settings.check()
@@ -242,18 +242,22 @@ def search_allocation(
     database: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     block_stats: dict[int, dict] = {}
     bar = tqdm(total=len(blocks), desc="evo statistics", unit="block", disable=not progress)
+    placement = Placement.make(device)
     with torch.no_grad():
-        inputs = capture_block_inputs(model, calibration[: settings.database_samples], device)
+        inputs = capture_stream(model, calibration[: settings.database_samples], placement)
         hidden = inputs.hidden
         try:
             for index, block in enumerate(blocks):
-                home = next(block.parameters()).device
-                block.to(device)
-                block_stats[index], hidden = _dense_block_pass(
-                    block, layers[index], hidden, lambda b, i=index: inputs.kwargs_for(i, b), device, True
-                )
-                inputs.hidden = hidden
-                block.to(home)
+                with visiting(block, device, writes=False):  # the dense model: read only
+                    block_stats[index] = _dense_block_pass(
+                        block,
+                        layers[index],
+                        hidden,
+                        lambda b, i=index: inputs.kwargs_for(i, b),
+                        device,
+                        full=True,
+                        parallel=single_process(),
+                    )
                 bar.update(1)
         finally:
             bar.close()

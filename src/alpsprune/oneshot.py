@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import AlpsPruneError, DataError, OutputError
+from .errors import AlpsPruneError, DataError
 from .report import PruneReport
 from .sparsity import DEFAULT_SPARSITY, SparsitySpec
 
@@ -104,7 +104,7 @@ def oneshot(
     :param solver_opts: further method options, e.g. ``pcg_steps=20``; ``faithful``, ``sequential``,
         ``dense_target``, ``allocation``: the pipeline (see :func:`alpsprune.prune_model`).
     """
-    from .io import is_complete_output, load_model, load_tokenizer, save_pruned
+    from .io import check_output_folder, load_model, load_tokenizer, save_pruned
     from .pipeline import prune_model, resolve_recipe
 
     # ---- cheap validation first: nothing is loaded for a bad pattern or recipe --------------------------
@@ -117,10 +117,8 @@ def oneshot(
         solver_opts["dampening_frac"] = dampening_frac
     hub = {"trust_remote_code": trust_remote_code, "revision": revision, "cache_dir": cache_dir}
     bundled = model is None
-    if output_dir is not None and not overwrite and is_complete_output(output_dir):
-        raise OutputError(
-            f"{output_dir} already holds a complete alpsprune output; pass overwrite=True or choose another"
-        )
+    if output_dir is not None:  # the folder rules of save_pruned, checked before anything is loaded
+        check_output_folder(output_dir, overwrite, flag="output_dir")
 
     # ---- model and tokenizer --------------------------------------------------------------------------
     if isinstance(model, nn.Module):

@@ -73,6 +73,11 @@ class Parallel:
     def all_reduce_grams(self, grams: dict[str, Gram]) -> None:
         """Sum the Grams over ranks (in place)."""
 
+    def all_gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``(n_r, ...)`` rows concatenated in rank order, on every rank (ranks may hold
+        different ``n_r``, also 0). Used where a sum must follow the single process's batch order."""
+        return rows
+
     def solve(
         self,
         tasks: list[tuple[str, str]],
@@ -148,6 +153,18 @@ class Distributed(Parallel):
         parts: list | None = [None] * self.world_size if self.is_main else None
         dist.gather_object(payload, parts, dst=0)
         return [x for part in parts for x in part] if self.is_main else []
+
+    def all_gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        comm = self._comm_device(rows.device)
+        counts = torch.tensor([rows.shape[0]], dtype=torch.int64, device=comm)
+        all_counts = [torch.zeros_like(counts) for _ in range(self.world_size)]
+        dist.all_gather(all_counts, counts)
+        sizes = [int(c) for c in all_counts]
+        padded = torch.zeros((max(sizes), *rows.shape[1:]), dtype=rows.dtype, device=comm)
+        padded[: rows.shape[0]] = rows.to(comm)
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)]).to(rows.device)
 
     def all_reduce_grams(self, grams: dict[str, Gram]) -> None:
         names = sorted(grams)  # same order on every rank

@@ -3,15 +3,23 @@
 Per block: gather input statistics with forward hooks (one :class:`Gram` per distinct input
 tensor, so q/k/v and gate/up share one), solve every target linear, write the pruned weights
 back, then re-run the *pruned* block to produce the next block's inputs. Weights stay where
-they are; one block at a time visits the compute device. With sub-layer statistics the block runs
-once per stage; parts of it that are already final replay their recorded outputs instead of being
-recomputed (:mod:`alpsprune.models.replay`; exact, and the outputs are held on the activation store).
+they are; one block at a time visits the compute device, once per block (:mod:`alpsprune.streaming`
+moves the activations). With sub-layer statistics the block runs once per stage; parts of it that
+are already final may replay their recorded outputs instead of being recomputed, within the
+``replay_memory`` budget (:mod:`alpsprune.models.replay`; exact either way).
+
+Activation memory: the pruned stream, replaced in place by each block's outputs, and with the
+dense-output target one more stream (the dense model's hidden states). The dense block's layer
+inputs a stage needs are recomputed batch by batch from the dense stream (with the block's dense
+weights swapped in) and used at once, so nothing else outlives a batch
+(:func:`alpsprune.streaming.activation_bytes`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,9 +28,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import AlpsPruneError, DeviceError, SolverError, TargetError
+from .allocation import allocate
+from .errors import AlpsPruneError, SolverError, TargetError
 from .models import (
-    capture_block_inputs,
     find_decoder_blocks,
     find_target_linears,
     get_weight,
@@ -37,6 +45,7 @@ from .report import LayerRecord, PruneReport
 from .solvers import prune_layer, solver_options
 from .sparsity import SparsitySpec
 from .stats import Gram
+from .streaming import ActivationStream, Placement, capture_stream, propagate, resolve_device, visiting
 
 log = logging.getLogger("alpsprune")
 
@@ -192,26 +201,6 @@ def plan_pruning(
     return PrunePlan(path, blocks, layers, specs, method, dict(solver_opts))
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/``"auto"`` → CUDA if available else CPU; checks that an explicit device exists."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise DeviceError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DeviceError(
-                f"device {device!r} does not exist; this machine has {torch.cuda.device_count()} GPU(s)"
-            )
-    elif dev.type != "cpu":
-        raise DeviceError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
-    return dev
-
-
 # ---- statistics -----------------------------------------------------------------------------------
 
 
@@ -251,60 +240,150 @@ def input_groups(
     return ordered
 
 
+class DenseWeights:
+    """The dense weights of a block's target linears, for passes of the dense stream mid-block.
+
+    :meth:`keep` saves a layer's weight just before it is overwritten by its pruned version (only
+    layers pruned before the block's last stage need it: the last stage's dense pass runs before
+    its own layers change); :meth:`active` swaps the saved tensors in for the duration (pointer
+    swaps, no copies), so the block computes as the dense model's block.
+    """
+
+    def __init__(self) -> None:
+        self.saved: dict[nn.Module, torch.Tensor] = {}
+
+    def keep(self, module: nn.Module) -> None:
+        self.saved.setdefault(module, module.weight.data.clone())
+
+    @contextlib.contextmanager
+    def active(self):
+        current = {m: m.weight.data for m in self.saved}
+        for m, w in self.saved.items():
+            m.weight.data = w
+        try:
+            yield
+        finally:
+            for m, w in current.items():
+                m.weight.data = w
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.numel() * w.element_size() for w in self.saved.values())
+
+
+def dense_layer_inputs(
+    block: nn.Module,
+    leaders: dict[str, nn.Module],
+    hidden: torch.Tensor,
+    kwargs: dict,
+    run_to_end: bool = False,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """The inputs of ``leaders`` for one batch of the dense stream (the caller makes the block dense).
+
+    Stops as soon as every leader has its input, unless ``run_to_end``: then also returns the
+    block's output (the next block's dense input), so the last stage needs no separate pass.
+    """
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, x: torch.Tensor) -> None:
+        captured[name] = x.detach()
+        if not run_to_end and len(captured) == len(leaders):
+            raise _StopForward
+
+    output = None
+    with input_hooks(leaders, keep), torch.no_grad(), contextlib.suppress(_StopForward):
+        output = run_block(block, hidden, kwargs)
+    return captured, output
+
+
 def collect_grams(
     block: nn.Module,
     layers: dict[str, nn.Module],
     groups: list[list[str]],
-    hidden: list[torch.Tensor],
+    hidden: ActivationStream,
     kwargs_of: Callable[[int], dict],
     device: torch.device,
-    dense_inputs: list[dict[str, torch.Tensor]] | None = None,
+    dense: ActivationStream | None = None,
     replay: BlockReplay | None = None,
+    dense_weights: DenseWeights | None = None,
+    advance_dense: bool = False,
+    dense_inputs: list[dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, Gram]:
     """One Gram per group (keyed by the group's first layer) over all calibration batches.
 
-    With ``dense_inputs`` (per batch, leader name → the dense model's input to that layer) the Grams
-    also accumulate the cross term for the dense-output target. Each forward stops as soon as every
-    group has its input: the rest of the block is not needed for these statistics. ``replay`` (set
-    up by the caller) gets the batch index before each forward.
+    With a ``dense`` stream the Grams also accumulate the cross term for the dense-output target:
+    batch by batch, the dense block (``dense_weights`` swapped in) first gives each leader's dense
+    input, used at once and dropped, so no layer input outlives its batch. ``advance_dense``: the
+    dense passes run to the end of the block and replace the dense stream's batches by the block's
+    outputs (for the block's last stage). Each pruned-stream forward stops as soon as every group
+    has its input. ``replay`` (set up by the caller) gets the batch index before each forward and
+    is paused during dense passes. ``dense_inputs`` (per batch, leader → dense input; the stored
+    alternative to recomputing, see :func:`store_dense_inputs`) replaces the dense passes; the
+    entries used are removed.
     """
     leaders = {g[0]: layers[g[0]] for g in groups}
     grams = {name: Gram(get_weight(m).shape[1], device=device) for name, m in leaders.items()}
-    batch_index = 0
     pending: set[str] = set()
+    dense_x: dict[str, torch.Tensor] = {}
+    with_dense = dense is not None or dense_inputs is not None
 
     def accumulate(name: str, x: torch.Tensor) -> None:
-        dense_x = dense_inputs[batch_index][name].to(device) if dense_inputs is not None else None
-        grams[name].add_batch(x, dense_x)
+        grams[name].add_batch(x, dense_x[name] if with_dense else None)
         pending.discard(name)
         if not pending:
             raise _StopForward
 
-    with input_hooks(leaders, accumulate), torch.no_grad():
-        for batch_index, h in enumerate(hidden):
+    with torch.no_grad():
+        for batch_index in range(len(hidden)):
+            kwargs = kwargs_of(batch_index)
+            if dense_inputs is not None:
+                dense_x = {name: dense_inputs[batch_index].pop(name).to(device) for name in leaders}
+            elif dense is not None:
+                with (
+                    replay.paused() if replay is not None else contextlib.nullcontext(),
+                    dense_weights.active() if dense_weights is not None else contextlib.nullcontext(),
+                ):
+                    dense_x, output = dense_layer_inputs(
+                        block, leaders, dense.fetch(batch_index), kwargs, run_to_end=advance_dense
+                    )
+                if advance_dense:
+                    dense.put(batch_index, output)
             pending.update(leaders)
             if replay is not None:
                 replay.batch = batch_index
-            with contextlib.suppress(_StopForward):
-                run_block(block, h.to(device), kwargs_of(batch_index))
+            with input_hooks(leaders, accumulate), contextlib.suppress(_StopForward):
+                run_block(block, hidden.fetch(batch_index), dict(kwargs))
+            dense_x = {}
     return grams
 
 
-def capture_layer_inputs(
-    block: nn.Module, leaders: dict[str, nn.Module], hidden: list[torch.Tensor], kwargs_of, device, store
-) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor]]:
-    """Run the (dense) block on a stream, keeping every leader's input per batch and the block outputs."""
-    captured: list[dict[str, torch.Tensor]] = []
-    outputs = []
+def store_dense_inputs(
+    block: nn.Module,
+    leaders: dict[str, nn.Module],
+    dense: ActivationStream,
+    kwargs_of: Callable[[int], dict],
+    store: torch.device,
+) -> list[dict[str, torch.Tensor]]:
+    """One pass of the (still dense) block over the dense stream: every leader's input per batch,
+    kept on ``store``, and the dense stream advanced past the block in place.
 
-    def keep(name: str, x: torch.Tensor) -> None:
-        captured[-1][name] = x.detach().to(store)
+    The fast alternative to recomputing the dense inputs stage by stage, for when memory allows:
+    it holds all the block's distinct layer inputs over all batches (≈ 5.7 hidden streams for a
+    LLaMA-2-7B block), dropped stage by stage as they are used.
+    """
+    stored = []
+    for b in range(len(dense)):
+        captured, output = dense_layer_inputs(block, leaders, dense.fetch(b), kwargs_of(b), run_to_end=True)
+        stored.append({name: x.to(store) for name, x in captured.items()})
+        dense.put(b, output)
+    return stored
 
-    with input_hooks(leaders, keep), torch.no_grad():
-        for b, h in enumerate(hidden):
-            captured.append({})
-            outputs.append(run_block(block, h.to(device), kwargs_of(b)).to(store))
-    return captured, outputs
+
+def dense_input_bytes(layers: dict[str, nn.Module], groups: list[list[str]], stream: ActivationStream) -> int:
+    """Bytes :func:`store_dense_inputs` would hold: every leader's input width over all tokens."""
+    tokens = sum(math.prod(stream.batch_shape(b)[:-1]) for b in range(len(stream)))
+    width = sum(get_weight(layers[g[0]]).shape[1] for g in groups)
+    return tokens * width * stream.element_size
 
 
 # ---- the loop -------------------------------------------------------------------------------------
@@ -324,7 +403,10 @@ def prune_model(
     sequential: str | None = None,
     dense_target: bool | None = None,
     allocation: dict[str, float] | str | None = None,
-    offload_activations: bool = False,
+    offload_activations: bool | str = False,
+    offload_dir=None,
+    replay_memory: int | None = 0,
+    release_blocks: bool = False,
     batch_size: int = 1,
     progress: bool = True,
     checkpoint_dir=None,
@@ -354,8 +436,21 @@ def prune_model(
         Needs ``sequential="sublayer"`` (the default when it is on).
     :param allocation: per-layer sparsity: ``"uniform"``, ``"owl"``, ``"curve"`` (computed here with
         :func:`alpsprune.allocation.allocate`) or a dict (full name → fraction) overriding ``sparsity``.
-    :param offload_activations: keep calibration activations (and the recorded outputs that later
-        passes over a block replay) on CPU between passes.
+    :param offload_activations: where the calibration activations (the pruned stream, the dense
+        stream and the replay cache) live between passes: ``False``/``"device"`` on the compute device,
+        ``True``/``"host"`` in CPU memory, ``"disk"`` in files under ``offload_dir`` (default: a
+        temporary folder, or ``$ALPSPRUNE_OFFLOAD_DIR``). One block and one batch at a time are on
+        the device either way (:mod:`alpsprune.streaming`; bytes per phase:
+        :func:`alpsprune.streaming.activation_bytes`).
+    :param replay_memory: bytes the replay cache may hold (outputs of the finished parts of a block,
+        reused by later passes over it instead of recomputing them; see
+        :mod:`alpsprune.models.replay`). ``0`` (default): off — nothing but the streams outlives a
+        batch; ``None``: no limit (fastest; about 6 hidden streams for a LLaMA block). Results are
+        bit-identical whatever the budget.
+    :param release_blocks: free every block after it is pruned (its weights end on the ``meta``
+        device): for torchrun ranks other than 0, which only help compute (rank 0 keeps, evaluates
+        and saves the pruned model), so that each holds one block instead of a whole pruned copy
+        (:func:`alpsprune.streaming.visiting`). The returned report is complete; the model is not.
     :param batch_size: calibration samples per forward pass.
     :param checkpoint_dir: save progress after every block there (see :mod:`alpsprune.checkpoint`).
     :param resume: continue from the last completed block in ``checkpoint_dir``.
@@ -385,9 +480,8 @@ def prune_model(
     device = resolve_device(device)
     parallel = parallel or single_process()
     _check_calibration(calibration, model)
+    placement = Placement.make(device, offload_activations, offload_dir)
     if allocation_mode in ("owl", "curve", "evo"):  # validated above; now the (slow) allocation pass
-        from .allocation import allocate  # local: allocation imports this module
-
         allocation = allocate(
             allocation_mode,
             model,
@@ -399,10 +493,12 @@ def prune_model(
             device=device,
             progress=progress and parallel.is_main,
             batch_size=batch_size,
+            offload_activations=placement.place,
+            offload_dir=offload_dir,
+            parallel=parallel,
             **solver_opts,
         )
         plan = plan_pruning(model, allocation=allocation, **plan_options, **solver_opts)
-    store = torch.device("cpu") if offload_activations else device
     settings = {
         "method": method,
         **spec.to_dict(),
@@ -422,18 +518,28 @@ def prune_model(
 
     from .checkpoint import Checkpointer  # local: keeps import light
 
-    ckpt = Checkpointer(checkpoint_dir, settings, calibration) if checkpoint_dir else None
+    ckpt = Checkpointer(checkpoint_dir, settings, calibration, model) if checkpoint_dir else None
     my_samples = parallel.shard(calibration, batch_size)  # data parallel: each rank its batches
     with torch.no_grad():
-        inputs = capture_block_inputs(model, my_samples, device, batch_size=batch_size, store_device=store)
-    hidden = inputs.hidden
-    dense_stream = list(hidden) if dense_target else None
+        inputs = capture_stream(model, my_samples, placement, batch_size=batch_size)
+    hidden: ActivationStream = inputs.hidden
+    dense_stream = hidden.share() if dense_target else None
     first_block = 0
     if resume:
         first_block, hidden, dense_stream, report = _resume(
-            checkpoint_dir, settings, calibration, plan, parallel
+            checkpoint_dir,
+            settings,
+            calibration,
+            plan,
+            parallel,
+            placement,
+            release_blocks,
+            model,
+            batch_size,
         )
+        inputs.hidden = hidden
 
+    _note_unprunable(model, report, parallel)
     n_blocks = len(plan.blocks)
     bar = tqdm(
         total=n_blocks,
@@ -444,15 +550,21 @@ def prune_model(
     )
     try:
         for index in range(first_block, n_blocks):
-            block = plan.blocks[index]
-            home = next(block.parameters()).device
-            block.to(device)
             t_block = time.perf_counter()
-            records, hidden, dense_stream, calib_seconds = _prune_block(
-                index, block, plan, hidden, dense_stream, inputs, device, store, sequential, parallel, bar
-            )
-            inputs.hidden = hidden  # drop the previous block's inputs
-            block.to(home)
+            with visiting(plan.blocks[index], device, release=release_blocks) as block:
+                records, calib_seconds = _prune_block(
+                    index,
+                    block,
+                    plan,
+                    hidden,
+                    dense_stream,
+                    inputs,
+                    placement,
+                    sequential,
+                    parallel,
+                    bar,
+                    replay_memory,
+                )
             report.layers.extend(records)
             report.blocks.append(
                 {
@@ -474,44 +586,59 @@ def prune_model(
     return report
 
 
-def _propagate(block, stream, kwargs_of, device, store, replay=None) -> list[torch.Tensor]:
-    outputs = []
-    with torch.no_grad():
-        for b, h in enumerate(stream):
-            if replay is not None:
-                replay.batch = b
-            outputs.append(run_block(block, h.to(device), kwargs_of(b)).to(store))
-    return outputs
-
-
-def _prune_block(index, block, plan, hidden, dense_stream, inputs, device, store, sequential, parallel, bar):
+def _prune_block(
+    index, block, plan, hidden, dense_stream, inputs, placement, sequential, parallel, bar, replay_memory
+) -> tuple[list[LayerRecord], float]:
+    """Prune one block (on the device) and advance both streams past it, in place."""
     layers = plan.layers[index]
+    device = placement.device
 
     def kwargs_of(batch: int) -> dict:
         return inputs.kwargs_for(index, batch)
 
     if not layers:  # nothing targeted in this block: just propagate
-        dense = _propagate(block, dense_stream, kwargs_of, device, store) if dense_stream else None
-        return [], _propagate(block, hidden, kwargs_of, device, store), dense, 0.0
+        propagate(block, hidden, kwargs_of)
+        if dense_stream is not None:
+            propagate(block, dense_stream, kwargs_of)
+        return [], 0.0
     t0 = time.perf_counter()
-    # later passes over the pruned stream skip the parts of the block that are already final
-    replay = BlockReplay(block, layers, device, store)
+    # later passes over the pruned stream may skip the parts of the block that are already final
+    replay = BlockReplay(block, layers, device, placement.store, budget=replay_memory)
     with torch.no_grad():
-        groups = input_groups(block, layers, hidden[0].to(device), kwargs_of(0), replay)
-        dense_inputs = next_dense = None
-        if dense_stream is not None:  # the dense block's layer inputs, before any pruning of this block
-            leaders = {g[0]: layers[g[0]] for g in groups}
-            dense_inputs, next_dense = capture_layer_inputs(
-                block, leaders, dense_stream, kwargs_of, device, store
-            )
-    calib_seconds = time.perf_counter() - t0
+        groups = input_groups(block, layers, hidden.fetch(0), kwargs_of(0), replay)
     stages = [groups] if sequential == "block" else [[g] for g in groups]
+    dense_weights = dense_inputs = None
+    if dense_stream is not None:
+        # store the dense layer inputs (one dense pass) when the replay budget has room for them,
+        # else recompute them stage by stage from the dense stream (nothing outlives a batch)
+        need = dense_input_bytes(layers, groups, dense_stream)
+        if replay_memory is None or need <= replay_memory:
+            leaders = {g[0]: layers[g[0]] for g in groups}
+            with torch.no_grad():
+                dense_inputs = store_dense_inputs(block, leaders, dense_stream, kwargs_of, placement.store)
+            replay.budget = None if replay_memory is None else replay_memory - need
+        else:
+            dense_weights = DenseWeights()
+    calib_seconds = time.perf_counter() - t0
     records: list[LayerRecord] = []
     pruned: set[str] = set()
-    for stage in stages:
+    for number, stage in enumerate(stages):
+        last = number == len(stages) - 1
         t0 = time.perf_counter()
         with replay.reusing(pruned, len(hidden)):
-            grams = collect_grams(block, layers, stage, hidden, kwargs_of, device, dense_inputs, replay)
+            grams = collect_grams(
+                block,
+                layers,
+                stage,
+                hidden,
+                kwargs_of,
+                device,
+                dense_stream if dense_inputs is None else None,
+                replay,
+                dense_weights,
+                advance_dense=last and dense_inputs is None,
+                dense_inputs=dense_inputs,
+            )
         parallel.all_reduce_grams(grams)
         calib_seconds += time.perf_counter() - t0
         tasks = [(name, leader) for group in stage for leader in [group[0]] for name in group]
@@ -524,22 +651,31 @@ def _prune_block(index, block, plan, hidden, dense_stream, inputs, device, store
         )
         for name, _ in tasks:
             weight, record = results[name]
+            if dense_weights is not None and not last:  # later dense passes still need it
+                dense_weights.keep(layers[name])
             set_weight(layers[name], weight)
             records.append(record)
             pruned.add(name)
         for gram in grams.values():
             gram.free()
-    t0 = time.perf_counter()
-    with replay.reusing(pruned, len(hidden), record=False):
-        outputs = _propagate(block, hidden, kwargs_of, device, store, replay)
-    replay.clear()
-    for out in outputs:
+        del grams, results
+    del dense_weights
+
+    def check(batch: int, out: torch.Tensor) -> None:
         if not bool(torch.isfinite(out).all()):
             raise SolverError(
                 f"block {index} ({plan.blocks_path}.{index}) produced NaN/Inf outputs after pruning"
             )
+
+    def before(batch: int) -> None:
+        replay.batch = batch
+
+    t0 = time.perf_counter()
+    with replay.reusing(pruned, len(hidden), record=False):
+        propagate(block, hidden, kwargs_of, before=before, check=check)
+    replay.clear()
     calib_seconds += time.perf_counter() - t0
-    return records, outputs, next_dense, calib_seconds
+    return records, calib_seconds
 
 
 def _solve_layer(name, module, gram, plan, index, device, bar) -> tuple[torch.Tensor, LayerRecord]:
@@ -598,25 +734,52 @@ def _check_calibration(calibration: torch.Tensor, model: nn.Module) -> None:
         )
 
 
-def _resume(checkpoint_dir, settings, calibration, plan, parallel):
+def _resume(
+    checkpoint_dir, settings, calibration, plan, parallel, placement, release_blocks, model, batch_size
+):
     from .checkpoint import load_checkpoint
 
-    state = load_checkpoint(checkpoint_dir, settings, calibration)
+    # the model's identity is checked before any pruned weight is written into it
+    state = load_checkpoint(checkpoint_dir, settings, calibration, model, parallel, batch_size)
     for index in range(state.next_block):
+        if release_blocks:  # finished blocks are not needed here: free them instead of loading them
+            plan.blocks[index].to("meta")
+            continue
         for name, weight in state.weights_for(index).items():
             set_weight(plan.layers[index][name], weight)
-    hidden = parallel.shard_list(state.hidden)
-    dense = parallel.shard_list(state.dense) if state.dense is not None else None
+    # this rank's windows, in its batches (the checkpoint re-batches and re-shards)
+    hidden = ActivationStream(state.hidden, placement)
+    dense = ActivationStream(state.dense, placement) if state.dense is not None else None
     report = state.report
     report.extra["resumed_seconds"] = report.seconds
     log.info("resuming at block %d/%d from %s", state.next_block + 1, len(plan.blocks), checkpoint_dir)
     return state.next_block, hidden, dense, report
 
 
+def _note_unprunable(model: nn.Module, report: PruneReport, parallel: Parallel) -> None:
+    """Say which weights stay dense because they are not linear layers (fused MoE experts), once, and record it."""
+    from .models.discovery import unprunable_parameters
+
+    skipped = unprunable_parameters(model)
+    if skipped is None:
+        return
+    report.extra["not_pruned"] = skipped
+    if parallel.is_main:
+        log.warning(
+            "not pruned: %s in every block (%.0f%% of the block weights): %s",
+            ", ".join(skipped["kinds"]),
+            100 * skipped["fraction_of_block_weights"],
+            skipped["reason"],
+        )
+
+
 def model_sparsity(model: nn.Module) -> float:
-    """Fraction of exactly-zero entries over all parameters of the model."""
+    """Fraction of exactly-zero entries over all parameters of the model (released ones, on the
+    ``meta`` device, are left out)."""
     zeros = total = 0
     for p in model.parameters():
+        if p.device.type == "meta":
+            continue
         zeros += int((p == 0).sum())
         total += p.numel()
     return zeros / total if total else 0.0

@@ -389,14 +389,34 @@ def default_output(args, label: str) -> Path:
 
 
 def check_output(path: Path, overwrite: bool) -> None:
-    from ..io import is_complete_output
+    """Refuse, before anything heavy, an output folder alpsprune must not write into (see
+    :func:`alpsprune.io.check_output_folder`: foreign files, `.`, `/`, home, a complete run without
+    --overwrite), or one whose parent is not writable."""
+    from ..io import check_output_folder
 
-    if path.exists() and not overwrite and is_complete_output(path):
-        raise OutputError(
-            f"output folder {path} already holds a complete run; choose another --output or pass --overwrite"
-        )
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"--output {path} exists and is not a folder")
-    parent = path.parent if str(path.parent) else Path(".")
-    if parent.exists() and not os.access(parent, os.W_OK):
+    check_output_folder(path, overwrite, flag="--output")
+    parent = path.expanduser().absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
         raise OutputError(f"cannot write into {parent}; choose another --output")
+
+
+EVAL_MARK = "alpsprune eval"  # `written_by` of the JSON files `alpsprune eval` writes
+
+
+def check_output_file(path: Path) -> None:
+    """`eval --output FILE`: a new file, or one that `alpsprune eval` wrote before (by its mark)."""
+    import json
+
+    if path.is_dir():
+        raise OutputError(f"--output {path} is a folder; give a file name, e.g. --output {path}/eval.json")
+    if path.exists() or path.is_symlink():
+        try:
+            ours = json.loads(path.read_text()).get("written_by") == EVAL_MARK
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise OutputError(
+                f"--output {path} exists and was not written by alpsprune eval; choose another --output"
+            )

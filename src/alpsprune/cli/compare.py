@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 
+from ..errors import OutputError
 from ..report import format_table
 from ..sparsity import SparsitySpec
 from .common import (
@@ -67,7 +66,10 @@ def add_parser(sub) -> None:
     add_eval_args(p)
     p.add_argument("--output", default=None, help="output folder (default: a new folder under ./runs/)")
     p.add_argument(
-        "--overwrite", action="store_true", help="replace an output folder that holds a complete comparison"
+        "--overwrite",
+        action="store_true",
+        help="replace a previous comparison (only the files its manifest lists); a folder holding other "
+        "files is always refused",
     )
     add_verbosity(p)
     p.set_defaults(func=run)
@@ -203,7 +205,7 @@ def run(args) -> int:
         "dense": {k: v["ppl"] for k, v in dense.items()},
         "runs": rows,
     }
-    write_outputs(result, out, datasets[0])
+    write_outputs(result, out, datasets[0], args.overwrite)
     print(markdown_table(result, datasets[0]))
     print(f"wrote {out}/ (compare.json, compare.md, compare.png)")
     return 0
@@ -227,22 +229,23 @@ def markdown_table(result: dict, dataset: str) -> str:
     return f"Perplexity on {dataset} (pruning seconds):\n\n" + format_table(header, rows, markdown=True)
 
 
-def write_outputs(result: dict, out: Path, dataset: str) -> None:
+def write_outputs(result: dict, out: Path, dataset: str, overwrite: bool = False) -> None:
+    """compare.json, compare.md, compare.png and a manifest, through the same writer as pruned models:
+    only a previous comparison's files (by its manifest) are ever replaced."""
+    from ..io import write_owned_folder
     from ..plots import plot_compare
 
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "compare.json").write_text(json.dumps(result, indent=2))
-    (tmp / "compare.md").write_text(
-        "# alpsprune compare\n\n"
-        + markdown_table(result, dataset)
-        + "\n\n![perplexity vs sparsity](compare.png)\n"
-    )
-    plot_compare(result["runs"], tmp / "compare.png", dense_ppl=result["dense"][dataset], dataset=dataset)
-    (tmp / "alpsprune_manifest.json").write_text(
-        json.dumps({"complete": True, "files": ["compare.json", "compare.md", "compare.png"]})
-    )
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    def write(tmp: Path) -> None:
+        (tmp / "compare.json").write_text(json.dumps(result, indent=2))
+        (tmp / "compare.md").write_text(
+            "# alpsprune compare\n\n"
+            + markdown_table(result, dataset)
+            + "\n\n![perplexity vs sparsity](compare.png)\n"
+        )
+        plot_compare(result["runs"], tmp / "compare.png", dense_ppl=result["dense"][dataset], dataset=dataset)
+
+    # checked before the runs (check_output); the writer itself never replaces a file no manifest lists
+    try:
+        write_owned_folder(out, write, replace_previous=overwrite)
+    except OSError as exc:
+        raise OutputError(f"cannot write the output folder {out}: {exc}") from exc

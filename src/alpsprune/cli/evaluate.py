@@ -10,6 +10,7 @@ from pathlib import Path
 from ..report import format_table
 from .common import (
     DTYPES,
+    EVAL_MARK,
     HelpFormatter,
     UsageError,
     add_loading_args,
@@ -18,6 +19,7 @@ from .common import (
     check_device,
     check_dtype,
     check_model_arg,
+    check_output_file,
     default_output,
     load_options,
     parse_list,
@@ -172,6 +174,7 @@ def run(args) -> int:
     for ds in datasets:
         resolve_source(ds)
     out = Path(args.output) if args.output else default_output(args, "eval").with_suffix(".json")
+    check_output_file(out)  # never replace a file alpsprune did not write
 
     from ..evaluation import perplexity, zero_shot
     from ..io import load_model
@@ -180,9 +183,11 @@ def run(args) -> int:
     model, tokenizer = load_model(
         args.model, dtype=args.dtype, device_map=device_map, max_memory=max_memory, **load_options(args)
     )
-    if device_map is None:  # with a device map accelerate placed the layers (and moves activations)
-        model.to(resolve_device(args.device))
+    # with a device map accelerate placed the layers (and moves activations); without one, perplexity
+    # places the model itself: resident on the device if it fits, else block by block
+    device = resolve_device(args.device) if device_map is None else None
     results: dict = {
+        "written_by": EVAL_MARK,
         "model": args.model or "bundled:SmolLM2-135M-Instruct",
         "perplexity": {},
         "zero_shot": {},
@@ -196,6 +201,8 @@ def run(args) -> int:
             max_windows=args.max_windows,
             batch_size=ppl_batch,
             progress=not args.quiet,
+            device=device,
+            offload="auto" if device is not None else False,  # a device map placed the model already
         )
         results["perplexity"][ds] = {
             "ppl": r.ppl,
@@ -205,6 +212,8 @@ def run(args) -> int:
             "seconds": r.seconds,
         }
     if tasks:
+        if device is not None:
+            model.to(device)  # lm-eval runs the whole model's forward: it must fit on the device
         results["lm_eval"] = {
             k: getattr(args, k)
             for k in ("tasks", "num_fewshot", "limit", "batch_size", "apply_chat_template", "output_path")

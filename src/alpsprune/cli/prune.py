@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -73,7 +72,10 @@ def add_parser(sub) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--output", default=None, help="output folder (default: a new folder under ./runs/)")
     o.add_argument(
-        "--overwrite", action="store_true", help="replace an output folder that holds a complete run"
+        "--overwrite",
+        action="store_true",
+        help="replace a previous alpsprune output (only the files its manifest lists), or restart an "
+        "unfinished run; a folder holding other files is always refused",
     )
     o.add_argument(
         "--checkpoint-dir", default=None, help="where per-block checkpoints go (default: OUTPUT/checkpoint)"
@@ -123,19 +125,7 @@ def run(args) -> int:
         resolve_source(ds)
         check_disjoint(args.calib, args.calib_split, ds, None)
     label = f"{args.method}-{spec.label.replace(':', 'of')}"
-    out = Path(args.output) if args.output else default_output(args, label)
-    ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else out / "checkpoint"
-    if not args.resume:
-        check_output(out, args.overwrite)
-        if (ckpt_dir / "state.json").exists() and not args.overwrite:
-            raise OutputError(
-                f"{ckpt_dir} holds the checkpoint of an unfinished run; pass --resume to continue it "
-                "or --overwrite to start over"
-            )
-    elif not (ckpt_dir / "state.json").exists():
-        raise CheckpointError(
-            f"nothing to resume: no checkpoint (state.json) in {ckpt_dir}; run without --resume to start fresh"
-        )
+    out, ckpt_dir = run_folders(args, label, parallel)
 
     # ---- structure, calibration, then the weights (the slow part) last --------------------------------
     from ..data import assert_no_window_overlap, eval_tokens, get_calibration
@@ -179,16 +169,18 @@ def run(args) -> int:
             eval_data[ds] = eval_tokens(ds, tokenizer)
             assert_no_window_overlap(calibration, eval_data[ds])
 
-    # ---- dense evaluation (rank 0), reused on resume ----------------------------------------------
-    dense_file = ckpt_dir / "dense_eval.json"
+    # ---- dense evaluation (rank 0), reused on resume when the model and evaluation are the same --------
     dense_ppl: dict = {}
     if parallel.is_main and datasets:
-        if args.resume and dense_file.exists():
-            dense_ppl = json.loads(dense_file.read_text())
-        else:
-            dense_ppl = evaluate(model, tokenizer, eval_data, eval_seqlen, max_windows, device, args.quiet)
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            dense_file.write_text(json.dumps(dense_ppl))
+        from ..checkpoint import load_dense_eval, save_dense_eval
+
+        key = dense_eval_key(model, eval_data, eval_seqlen, max_windows, args.dtype)
+        reused = load_dense_eval(ckpt_dir, key) if args.resume else None
+        dense_ppl = reused or evaluate(
+            model, tokenizer, eval_data, eval_seqlen, max_windows, device, args.quiet
+        )
+        if reused is None:
+            save_dense_eval(ckpt_dir, key, dense_ppl)
 
     # ---- prune ------------------------------------------------------------------------------------
     report = prune_model(
@@ -206,6 +198,7 @@ def run(args) -> int:
         checkpoint_dir=ckpt_dir,
         resume=args.resume,
         parallel=parallel,
+        release_blocks=not parallel.is_main,  # rank 0 alone keeps, evaluates and saves the model
         **solver_opts,
     )
     report.settings.update(
@@ -240,8 +233,9 @@ def run(args) -> int:
 
 
 def evaluate(model, tokenizer, eval_data: dict, seqlen: int, max_windows, device, quiet: bool) -> dict:
-    """Perplexity per dataset on the compute device. On a GPU the weights stay on the CPU and one
-    block at a time visits the device (like pruning), so any model that can be pruned can be scored."""
+    """Perplexity per dataset on the compute device: the model is moved there once if it fits,
+    else each block visits the device once for all windows (like pruning), so any model that can
+    be pruned can be scored."""
     from ..evaluation import perplexity
     from ..pipeline import resolve_device
 
@@ -260,7 +254,7 @@ def evaluate(model, tokenizer, eval_data: dict, seqlen: int, max_windows, device
             max_windows=max_windows,
             progress=not quiet,
             device=dev,
-            offload=dev.type != "cpu",
+            offload="auto",
         )
         results[name] = {"ppl": r.ppl, "windows": r.windows, "seqlen": r.seqlen, "seconds": r.seconds}
         log.info("perplexity %s: %.3f (%d windows of %d)", name, r.ppl, r.windows, r.seqlen)
@@ -303,6 +297,14 @@ def report_markdown(report) -> str:
         f"- targeted sparsity: {sm['targeted_sparsity']:.4f}; whole model: {sm['model_sparsity']:.4f}",
         f"- mean relative error: {sm['mean_error']:.4e} (max {sm['max_error']:.4e})",
         f"- pruning time: {sm['seconds']:.1f} s; total: {report.extra.get('total_seconds', 0):.1f} s",
+    ]
+    skipped = report.extra.get("not_pruned")
+    if skipped:  # e.g. fused MoE experts: say it where the numbers are read
+        lines.append(
+            f"- not pruned: {', '.join(skipped['kinds'])} in every block "
+            f"({skipped['fraction_of_block_weights']:.0%} of the block weights): {skipped['reason']}"
+        )
+    lines += [
         "",
         "## Layers",
         "",
@@ -315,7 +317,9 @@ def report_markdown(report) -> str:
 
 
 def write_outputs(model, tokenizer, report, out: Path, args, ckpt_dir: Path) -> None:
-    """Everything into one temporary folder, then one rename (see :func:`alpsprune.io.save_pruned`)."""
+    """Everything built in a temporary folder, then moved in with the manifest last (see
+    :func:`alpsprune.io.save_pruned`); then the checkpoint removes its own files."""
+    from ..checkpoint import CheckpointFolder
     from ..io import save_pruned
     from ..plots import plot_allocation, plot_layers
 
@@ -324,18 +328,103 @@ def write_outputs(model, tokenizer, report, out: Path, args, ckpt_dir: Path) -> 
         extra = {"report.md": report_markdown(report), "layers.png": png}
         if report.settings.get("allocation") != "uniform":  # per-layer sparsity: show the choice
             extra["allocation.png"] = plot_allocation(report, Path(tmp) / "allocation.png")
-        in_output = ckpt_dir.resolve().parent == out.resolve()
-        save_pruned(
-            model,
-            tokenizer,
-            out,
-            report=report,
-            settings=report.settings,
-            overwrite=True,
-            extra_files=extra,
+        try:
+            save_pruned(
+                model,
+                tokenizer,
+                out,
+                report=report,
+                settings=report.settings,
+                overwrite=args.overwrite,
+                extra_files=extra,
+            )
+        except OutputError as exc:  # e.g. files appeared in the folder meanwhile: the work is not lost
+            raise OutputError(
+                f"{exc}; every pruned block is kept in {ckpt_dir}: rerun with --resume"
+            ) from None
+    # finished: remove what the checkpointer wrote (by name), and its folder only if nothing else is in it
+    CheckpointFolder(ckpt_dir).clean()
+
+
+def run_folders(args, label: str, parallel) -> tuple[Path, Path]:
+    """The output and checkpoint folders, checked before anything heavy: a folder holding files that
+    alpsprune did not write is refused, `--overwrite` replaces only a previous alpsprune output or
+    unfinished run, `--resume` needs an unfinished run (without `--output`: the one under ./runs/ that
+    this command started)."""
+    from ..checkpoint import check_checkpoint_folder, has_unfinished_run
+
+    if args.output:
+        out = Path(args.output)
+    else:
+        out = find_unfinished_run(args, label) if args.resume else default_output(args, label)
+        if parallel.world_size > 1:  # every rank writes into the checkpoint: one time stamp for all
+            import torch.distributed as dist
+
+            box = [str(out)]
+            dist.broadcast_object_list(box, src=0)
+            out = Path(box[0])
+    ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else out / "checkpoint"
+    check_output(out, args.overwrite)
+    if args.checkpoint_dir:
+        check_checkpoint_folder(ckpt_dir)
+        o, c = out.expanduser().resolve(), ckpt_dir.expanduser().resolve()
+        if c == o or c in o.parents:
+            raise UsageError(
+                f"--checkpoint-dir {ckpt_dir} would hold the output {out}; give it a folder of its own, "
+                f"e.g. --checkpoint-dir {out / 'checkpoint'}"
+            )
+    unfinished = has_unfinished_run(ckpt_dir)
+    if args.resume and not unfinished:
+        raise CheckpointError(
+            f"nothing to resume: no checkpoint (state.json) in {ckpt_dir}; run without --resume to start fresh"
         )
-    if not in_output and ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the checkpoint is no longer needed
+    if not args.resume and unfinished and not args.overwrite:
+        raise OutputError(
+            f"{ckpt_dir} holds the checkpoint of an unfinished run; pass --resume to continue it "
+            "or --overwrite to start over"
+        )
+    return out, ckpt_dir
+
+
+def find_unfinished_run(args, label: str) -> Path:
+    """`prune --resume` without `--output`: the unfinished run of the same model and pattern under ./runs/."""
+    if args.checkpoint_dir:
+        raise UsageError("--resume with --checkpoint-dir also needs the --output of the run it continues")
+    from ..checkpoint import has_unfinished_run
+
+    pattern = default_output(args, label).name.split("-", 2)[2]  # drop the time stamp
+    found = sorted(
+        (p for p in Path("runs").glob(f"*-{pattern}") if has_unfinished_run(p / "checkpoint")),
+        key=lambda p: p.name,
+    )
+    if not found:
+        raise CheckpointError(
+            f"nothing to resume: no unfinished run runs/*-{pattern}/ in the current folder; pass the --output "
+            "of the run to continue, or run without --resume to start fresh"
+        )
+    if len(found) > 1:
+        raise CheckpointError(
+            f"{len(found)} unfinished runs match (runs/*-{pattern}/); pass the one to continue, e.g. "
+            f"--output {found[-1]} (the latest)"
+        )
+    log.info("resuming the unfinished run in %s", found[0])
+    return found[0]
+
+
+def dense_eval_key(model, eval_data: dict, seqlen: int, max_windows, dtype: str) -> dict:
+    """What the dense perplexities depend on: the model, the evaluation tokens and windows, the dtype."""
+    import hashlib
+
+    from ..checkpoint import model_identity
+
+    tokens = {name: hashlib.sha256(t.cpu().numpy().tobytes()).hexdigest() for name, t in eval_data.items()}
+    return {
+        "model": model_identity(model),
+        "tokens": tokens,
+        "seqlen": seqlen,
+        "max_windows": max_windows,
+        "dtype": dtype,
+    }
 
 
 def _is_faithful(settings: dict) -> bool:

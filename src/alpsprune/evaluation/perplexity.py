@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..data.sources import DEFAULT_SEED, DEFAULT_SEQLEN
 from ..data.windows import eval_windows
-from ..models.capture import offloaded
+from ..streaming import Placement, fits_on_device, stream_logits, visiting
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,19 @@ def _model_device(model: torch.nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
+def _n_blocks(model: torch.nn.Module) -> int:
+    from ..models.discovery import find_decoder_blocks
+
+    return len(find_decoder_blocks(model)[1])
+
+
 def window_nll(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Summed next-token NLL of each row of ``ids`` (shape ``(b, L)``) → ``(b,)`` float64."""
-    out = model(input_ids=ids, use_cache=False)
+    return output_nll(model(input_ids=ids, use_cache=False), ids)
+
+
+def output_nll(out, ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL of each row of ``ids`` from the model's output for them → ``(b,)`` float64."""
     logits = out.logits if hasattr(out, "logits") else out[0]
     logp = logits[:, :-1, :].float()
     target = ids[:, 1:]
@@ -72,16 +82,28 @@ def perplexity(
     device: str | torch.device | None = None,
     progress: bool = True,
     seed: int = DEFAULT_SEED,
-    offload: bool = False,
+    offload: bool | str = False,
+    offload_activations: bool | str = True,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``dataset``.
 
     ``dataset``: a source name (``wikitext2`` test, ``ptb`` validation, ``c4`` validation shard 0,
     ``wiki-excerpt`` / ``lee`` test part, ``hf:<name>[:config]``), a local file or folder, a 1-D token
     tensor, or a 2-D tensor of windows. ``max_windows`` scores only the first windows (quick checks).
-    The model runs where its weights are unless ``device`` is given (inputs are moved there).
-    ``offload=True`` evaluates models larger than the device: weights stay where they are (CPU) and
-    one decoder block at a time visits ``device`` (default: CUDA if available) during the forward.
+    The model runs where its weights are unless ``device`` is given.
+
+    ``offload`` decides how the weights meet the device:
+
+    * ``False``: the model is resident on ``device`` for the evaluation (moved there once if its
+      weights are elsewhere, and back afterwards);
+    * ``True``: block streaming (:func:`alpsprune.streaming.stream_logits`): the weights stay where
+      they are and each decoder block visits ``device`` (default: CUDA if available) *once* for all
+      windows; the hidden states of all windows wait between blocks at ``offload_activations``
+      (``True``/``"host"``: CPU memory, ``False``/``"device"``, ``"disk"``). For models larger than
+      the device;
+    * ``"auto"``: resident when the weights fit in the device's free memory, else streaming.
+
+    Every mode gives the same perplexity (the same operations on the same inputs).
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
@@ -93,22 +115,39 @@ def perplexity(
     )
     n, width = windows.shape
     dev = torch.device(device) if device is not None else _model_device(model)
-    if offload and device is None:
+    if offload is True and device is None:
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if offload not in (True, False, "auto"):
+        raise ValueError(f"offload must be True, False or 'auto', got {offload!r}")
+    streamed = offload is True or (offload == "auto" and not fits_on_device(model, dev))
+    home = _model_device(model)
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64)
     start = time.perf_counter()
     try:
-        with (
-            torch.inference_mode(),
-            offloaded(model, dev) if offload else contextlib.nullcontext(),
-            tqdm(total=n, desc=f"ppl {name}", unit="win", disable=not progress) as bar,
-        ):
-            for i in range(0, n, batch_size):
-                batch = windows[i : i + batch_size].to(dev)
-                total += window_nll(model, batch).sum().cpu()
-                bar.update(batch.shape[0])
+        if streamed:
+            placement = Placement.make(dev, offload_activations)
+            n_blocks = _n_blocks(model)
+            with (
+                torch.inference_mode(),
+                tqdm(total=n_blocks, desc=f"ppl {name}", unit="block", disable=not progress) as bar,
+            ):
+                for ids, out in stream_logits(
+                    model, windows, placement, batch_size, progress=lambda k: bar.update(1)
+                ):
+                    total += output_nll(out, ids).sum().cpu()
+        else:
+            with (
+                # resident: every weight moves once; the model's own tensors are put back afterwards
+                visiting(model, dev, writes=False) if home != dev else contextlib.nullcontext(),
+                torch.inference_mode(),
+                tqdm(total=n, desc=f"ppl {name}", unit="win", disable=not progress) as bar,
+            ):
+                for i in range(0, n, batch_size):
+                    batch = windows[i : i + batch_size].to(dev)
+                    total += window_nll(model, batch).sum().cpu()
+                    bar.update(batch.shape[0])
     finally:
         model.train(was_training)
     tokens = n * (width - 1)

@@ -1,7 +1,7 @@
 """Model-facing layer: find decoder blocks and target linears, read/write `(out, in)` weights, capture block
 inputs and run single blocks. Architecture differences are discovered from the module tree, not tabulated."""
 
-from alpsprune.models.capture import BlockInputs, capture_block_inputs, input_hooks, offloaded, run_block
+from alpsprune.models.capture import BlockInputs, capture_block_inputs, input_hooks, run_block
 from alpsprune.models.discovery import (
     Conv1D,
     find_decoder_blocks,
@@ -24,7 +24,6 @@ __all__ = [
     "input_hooks",
     "is_target_module",
     "list_target_layers",
-    "offloaded",
     "require_targets",
     "run_block",
     "set_weight",

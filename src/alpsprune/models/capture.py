@@ -54,7 +54,8 @@ class BlockInputs:
 
     def kwargs_for(self, block_index: int, batch_index: int = 0) -> dict[str, Any]:
         """The keyword arguments block `block_index` receives for batch `batch_index` (a fresh dict)."""
-        shape = tuple(self.hidden[batch_index].shape[:2])
+        batch_shape = getattr(self.hidden, "batch_shape", None)  # a stream knows shapes without loading
+        shape = tuple((batch_shape(batch_index) if batch_shape else self.hidden[batch_index].shape)[:2])
         try:
             per_block = self.block_kwargs[shape]
         except KeyError:
@@ -187,12 +188,15 @@ def capture_block_inputs(
     device: torch.device | str,
     batch_size: int = 1,
     store_device: torch.device | str | None = None,
+    sink: Any = None,
 ) -> BlockInputs:
     """Hidden states entering block 0 for `input_ids` `(n, seqlen)`, and every block's keyword arguments.
 
     Only the modules outside the block stack run, on `device`; they are moved there for the call and moved back
     in a `finally`, so the model's weights stay where they were. Hidden states are kept on `store_device`
-    (default `device`), arguments on `device`. The cache is disabled (`use_cache=False`).
+    (default `device`), arguments on `device`; or appended to `sink` (an
+    :class:`alpsprune.streaming.ActivationStream`, which keeps them where it keeps its batches). The cache is
+    disabled (`use_cache=False`).
     """
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be (n, seqlen), got shape {tuple(input_ids.shape)}")
@@ -202,7 +206,7 @@ def capture_block_inputs(
     store = torch.device(store_device) if store_device is not None else device
     path, blocks = find_decoder_blocks(model)
     signature = inspect.signature(blocks[0].forward)
-    inputs = BlockInputs(hidden=[])
+    inputs = BlockInputs(hidden=sink if sink is not None else [])
 
     restore = _move_outside_blocks(model, path, device)
     try:
@@ -220,7 +224,7 @@ def capture_block_inputs(
                 else:
                     hidden, per_block = _record_all_blocks(model, blocks, signature, batch)
                     inputs.block_kwargs[shape] = per_block
-                inputs.hidden.append(hidden.to(store))
+                inputs.hidden.append(hidden if sink is not None else hidden.to(store))
     finally:
         restore()
     return inputs
@@ -303,27 +307,6 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) ->
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
     raise ModelError(f"{type(block).__name__} returned {type(out).__name__}, not hidden states")
-
-
-@contextlib.contextmanager
-def offloaded(model: nn.Module, device: torch.device | str) -> Iterator[None]:
-    """Run the model's own forward with its weights left where they are and one decoder block at a time
-    on `device` (moved in by a pre-hook, moved back by a post-hook); the modules outside the blocks
-    (embeddings, final norm, head) sit on `device` for the duration. For models larger than the device."""
-    device = torch.device(device)
-    path, blocks = find_decoder_blocks(model)
-    handles = []
-    for block in blocks:
-        home = next(block.parameters()).device
-        handles.append(block.register_forward_pre_hook(lambda m, args: m.to(device) and None))
-        handles.append(block.register_forward_hook(lambda m, args, out, home=home: m.to(home) and None))
-    restore = _move_outside_blocks(model, path, device)
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-        restore()
 
 
 @contextlib.contextmanager

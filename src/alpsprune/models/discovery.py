@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -86,11 +87,30 @@ def is_target_module(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 
 
-def _compile(patterns: Iterable[str] | None, what: str) -> list[re.Pattern[str]]:
+@dataclass(frozen=True)
+class Pattern:
+    """One `targets`/`ignore` entry. Plain text is a regex searched in the full module name (and also
+    matches a module whose class, or a base class, has exactly that name: `Linear`); `re:REGEX` is
+    llm-compressor's spelling, matched from the start of the name."""
+
+    text: str
+    regex: re.Pattern[str]
+    anchored: bool
+
+    def matches(self, name: str, module: nn.Module) -> bool:
+        if self.anchored:
+            return self.regex.match(name) is not None
+        return self.regex.search(name) is not None or any(
+            cls.__name__ == self.text for cls in type(module).__mro__
+        )
+
+
+def _compile(patterns: Iterable[str] | None, what: str) -> list[Pattern]:
     compiled = []
     for pattern in patterns or ():
+        anchored = pattern.startswith("re:")
         try:
-            compiled.append(re.compile(pattern))
+            compiled.append(Pattern(pattern, re.compile(pattern.removeprefix("re:")), anchored))
         except re.error as exc:
             raise TargetError(f"invalid {what} regex {pattern!r}: {exc}") from None
     return compiled
@@ -101,8 +121,9 @@ def find_target_linears(
 ) -> dict[str, nn.Module]:
     """Full dotted name → module for the prunable linears of one block, in module order.
 
-    `targets` (default: all) and `ignore` are regexes matched with `re.search` against the full name, e.g.
-    `model.layers.3.self_attn.q_proj`; a layer is kept if some target matches and no ignore pattern does.
+    A layer is kept if some `targets` entry matches it (default: all) and no `ignore` entry does. Entries
+    are regexes searched in the full name, e.g. `mlp\\.` against `model.layers.3.mlp.down_proj`;
+    llm-compressor's `re:REGEX` (matched from the start of the name); or class names such as `Linear`.
     """
     include = _compile(targets, "targets")
     exclude = _compile(ignore, "ignore")
@@ -111,9 +132,9 @@ def find_target_linears(
         if not sub_name or not is_target_module(module):
             continue
         name = f"{prefix}.{sub_name}" if prefix else sub_name
-        if include and not any(p.search(name) for p in include):
+        if include and not any(p.matches(name, module) for p in include):
             continue
-        if any(p.search(name) for p in exclude):
+        if any(p.matches(name, module) for p in exclude):
             continue
         found[name] = module
     return found
@@ -133,16 +154,52 @@ def list_target_layers(
 def require_targets(
     model: nn.Module, targets: list[str] | None = None, ignore: list[str] | None = None
 ) -> dict[str, nn.Module]:
-    """Like `list_target_layers`, but a selection that matches nothing is a TargetError naming real layers."""
+    """Like `list_target_layers`, but a `targets`/`ignore` entry that matches no module of the model, or a
+    selection that matches no layer, is a TargetError naming the entry and real module names."""
+    available = list(list_target_layers(model))
+    sample = ", ".join(available[:4]) + (", ..." if len(available) > 4 else "")
+    modules = [(name, m) for name, m in model.named_modules() if name]
+    for what, patterns in (("targets", targets), ("ignore", ignore)):
+        for pattern in _compile(patterns, what):
+            if not any(pattern.matches(name, m) for name, m in modules):
+                raise TargetError(
+                    f"{what} pattern {pattern.text!r} matches no module of {type(model).__name__}; names look "
+                    f"like {sample or '(none)'} (a pattern is a regex searched in these names, 're:REGEX' "
+                    "matched from their start, or a class name such as Linear)"
+                )
     layers = list_target_layers(model, targets, ignore)
     if layers:
         return layers
-    available = list(list_target_layers(model))
-    sample = ", ".join(available[:6]) + (", ..." if len(available) > 6 else "")
     raise TargetError(
         f"targets={targets!r} with ignore={ignore!r} select no layer; {len(available)} linear layers are "
         f"available, e.g. {sample or '(none)'}"
     )
+
+
+def unprunable_parameters(model: nn.Module) -> dict | None:
+    """Weights inside the decoder blocks that alpsprune leaves dense because they are not linear layers:
+    fused mixture-of-experts tensors of 3 or more dimensions (Mixtral, Qwen-MoE in transformers 5).
+    None if there are none; else a summary for the report and the warning."""
+    path, blocks = find_decoder_blocks(model)
+    names: list[str] = []
+    numel = total = 0
+    for index, block in enumerate(blocks):
+        for sub_name, param in block.named_parameters():
+            total += param.numel()
+            if param.dim() >= 3:
+                names.append(f"{path}.{index}.{sub_name}")
+                numel += param.numel()
+    if not names:
+        return None
+    kinds = sorted({name.split(".", 2 + path.count("."))[-1] for name in names})
+    return {
+        "parameters": names,
+        "kinds": kinds,
+        "numel": numel,
+        "fraction_of_block_weights": numel / total if total else 0.0,
+        "reason": "fused mixture-of-experts weights (3-D parameters, not nn.Linear layers) are not supported "
+        "yet and stay dense",
+    }
 
 
 def get_weight(module: nn.Module) -> torch.Tensor:

@@ -13,8 +13,11 @@ final weights, so its output cannot change any more. Blocks whose target linears
 exactly once (mixtures of experts route differently per batch) are left alone.
 
 Recorded outputs are copies kept on the activation store device (clones: callers may modify
-returned tensors in place). Memory: at most the outputs of the replayable parts of one block, e.g.
-the attention output plus the MLP's gate and up projections for a LLaMA block.
+returned tensors in place). Memory: at most ``budget`` bytes (``None``: no limit). Unbounded, the
+cache holds the outputs of the replayable parts of one block over all batches, e.g. the attention
+output plus the MLP's gate and up projections for a LLaMA block (≈ 6× the hidden stream for
+LLaMA-2-7B); a part is recorded only if its outputs over all batches (estimated from the traced
+forward) fit in what the budget leaves, otherwise smaller parts inside it are considered.
 """
 
 from __future__ import annotations
@@ -44,12 +47,22 @@ def _copy(value: Any, device: torch.device) -> Any:
     raise _Uncacheable
 
 
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
 class BlockReplay:
     """Records and replays outputs of finished submodules of one block over one activation stream.
 
     Usage per block: run one forward inside :meth:`trace`; then wrap every later pass over the same
     stream in :meth:`reusing` with the names of the target linears already pruned, and set
-    :attr:`batch` before each batch's forward.
+    :attr:`batch` before each batch's forward. Forwards of *another* stream through the same block
+    (the dense stream) run inside :meth:`paused`. ``budget``: bytes the recorded outputs may take
+    (``None``: no limit; ``0``: replay off).
     """
 
     def __init__(
@@ -58,12 +71,16 @@ class BlockReplay:
         targets: dict[str, nn.Module],
         device: torch.device | str,
         store: torch.device | str,
+        budget: int | None = None,
     ):
         self.block = block
         self.targets = targets
         self.device = torch.device(device)
         self.store = torch.device(store)
+        self.budget = budget
         self.batch = 0
+        self.paused_ = False
+        self._sizes: dict[nn.Module, int] = {}  # output bytes of one traced batch
         self._spans: dict[nn.Module, tuple[int, int, int]] = {}  # first start, last end, calls
         self._cache: dict[nn.Module, dict[int, Any]] = {}
         self._refused: set[nn.Module] = set()
@@ -90,6 +107,7 @@ class BlockReplay:
         def after(module: nn.Module, args: Any, output: Any) -> None:
             clock[0] += 1
             spans[module][1] = clock[0]
+            self._sizes[module] = _nbytes(output)
 
         handles = []
         for module in self.block.modules():
@@ -102,7 +120,23 @@ class BlockReplay:
             for handle in handles:
                 handle.remove()
         self._spans = {m: (s[0], s[1], s[2]) for m, s in spans.items()}
-        self.enabled = all(self._spans.get(m, (0, 0, 0))[2] == 1 for m in self.targets.values())
+        self.enabled = self.budget != 0 and all(
+            self._spans.get(m, (0, 0, 0))[2] == 1 for m in self.targets.values()
+        )
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Within the context every submodule computes (no replay, no recording): for other streams."""
+        self.paused_ = True
+        try:
+            yield
+        finally:
+            self.paused_ = False
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the recorded outputs hold now."""
+        return sum(_nbytes(v) for cache in self._cache.values() for v in cache.values())
 
     def _replayable(self, pruned: set[str]) -> set[nn.Module]:
         pending = [self._spans[m][0] for name, m in self.targets.items() if name not in pruned]
@@ -129,14 +163,19 @@ class BlockReplay:
         ready = self._replayable(pruned)
         replays: list[nn.Module] = []
         records: list[nn.Module] = []
+        # room left for new records; replayed parts keep their bytes, deeper records they cover are
+        # dropped after this pass (so a recorded outer part may count them twice for one pass: safe)
+        room = [math.inf if self.budget is None else self.budget - self.nbytes]
 
         def visit(module: nn.Module, may_record: bool) -> None:
             for child in module.children():
                 if child in ready and self._complete(child, n_batches):
                     replays.append(child)  # its whole subtree is skipped
                     continue
-                if child in ready and may_record:
+                cost = self._sizes.get(child, 0) * n_batches
+                if child in ready and may_record and cost <= room[0]:
                     records.append(child)
+                    room[0] -= cost
                     visit(child, False)  # inside a recorded part: replay deeper parts, record nothing
                     continue
                 visit(child, may_record)
@@ -156,7 +195,7 @@ class BlockReplay:
         cache = self._cache[module]
 
         def replay(*args: Any, **kwargs: Any) -> Any:
-            hit = cache.get(self.batch)
+            hit = None if self.paused_ else cache.get(self.batch)
             return forward(*args, **kwargs) if hit is None else _copy(hit, self.device)
 
         return replay
@@ -166,7 +205,7 @@ class BlockReplay:
 
         def record(*args: Any, **kwargs: Any) -> Any:
             output = forward(*args, **kwargs)
-            if module not in self._refused:
+            if module not in self._refused and not self.paused_:
                 try:
                     cache[self.batch] = _copy(output, self.store)
                 except _Uncacheable:
