@@ -405,6 +405,13 @@ def allocate(
     :param solver_opts: options of ``method``; those the curve solver also accepts are passed on.
     """
 
+    if mode == "evo":  # searched allocation (EvoPress-style), in its own module
+        from .evo import evo_allocation
+
+        return evo_allocation(
+            model, calibration, sparsity, method=method, targets=targets, ignore=ignore,
+            device=device, progress=progress, **solver_opts,
+        )  # fmt: skip
     if mode not in (*MODES, "uniform"):
         raise AlpsPruneError(f"allocation mode must be one of uniform, {', '.join(MODES)}; got {mode!r}")
     try:

@@ -50,7 +50,7 @@ from .streaming import ActivationStream, Placement, capture_stream, propagate, r
 log = logging.getLogger("alpsprune")
 
 SEQUENTIAL_MODES = ("block", "sublayer")
-ALLOCATION_MODES = ("uniform", "owl", "curve")
+ALLOCATION_MODES = ("uniform", "owl", "curve", "evo")
 
 # The paper's algorithm: grams of a whole block from one pass, layers fit to their own pruned-model
 # outputs, the same sparsity everywhere.
@@ -481,7 +481,7 @@ def prune_model(
     parallel = parallel or single_process()
     _check_calibration(calibration, model)
     placement = Placement.make(device, offload_activations, offload_dir)
-    if allocation_mode in ("owl", "curve"):  # validated above; now the (slow) allocation pass
+    if allocation_mode in ("owl", "curve", "evo"):  # validated above; now the (slow) allocation pass
         allocation = allocate(
             allocation_mode,
             model,

@@ -109,10 +109,11 @@ def add_pruning_args(p: argparse.ArgumentParser, single: bool = True) -> None:
     )
     g.add_argument(
         "--allocation",
-        choices=("uniform", "owl", "curve"),
+        choices=("uniform", "owl", "curve", "evo"),
         default=None,
-        help="per-layer sparsity at the same overall sparsity: uniform, OWL outlier ratio, or measured "
-        "error curves (default: recipe; owl for alps at unstructured sparsity above 60%%, else uniform)",
+        help="per-layer sparsity at the same overall sparsity: uniform, OWL outlier ratio, measured "
+        "error curves, or evo (searched per block, KL to the dense model; seeded, slower) "
+        "(default: recipe; owl for alps at unstructured sparsity above 60%%, else uniform)",
     )
     g.add_argument(
         "--dampening-frac",
