@@ -84,19 +84,7 @@ class PruneReport:
 
     def table(self, markdown: bool = False) -> str:
         """Per-layer table (name, shape, sparsity, error, seconds, ALPS iterations)."""
-        header = ["layer", "shape", "method", "sparsity", "rel. error", "seconds", "iters"]
-        rows = [
-            [
-                r.name,
-                f"{r.shape[0]}x{r.shape[1]}",
-                r.method,
-                f"{r.sparsity:.4f}",
-                f"{r.error:.4e}",
-                f"{r.seconds:.2f}",
-                str(r.info.get("iterations", "")),
-            ]
-            for r in self.layers
-        ]
+        header, rows = self._layer_rows("x")
         s = self.summary
         footer = (
             f"{s['layers']} layers in {s['blocks']} blocks; targeted sparsity {s['targeted_sparsity']:.4f}"
@@ -107,6 +95,23 @@ class PruneReport:
 
     def __str__(self) -> str:
         return self.table()
+
+    def _layer_rows(self, times: str) -> tuple[list[str], list[list[str]]]:
+        """Header and one row of strings per layer (``times`` joins the shape: "x" in text, "×" in HTML)."""
+        header = ["layer", "shape", "method", "sparsity", "rel. error", "seconds", "iters"]
+        rows = [
+            [
+                r.name,
+                f"{r.shape[0]}{times}{r.shape[1]}",
+                r.method,
+                f"{r.sparsity:.4f}",
+                f"{r.error:.4e}",
+                f"{r.seconds:.2f}",
+                str(r.info.get("iterations", "")),
+            ]
+            for r in self.layers
+        ]
+        return header, rows
 
     def _repr_html_(self) -> str:
         """Jupyter's rich display: the settings and summary, then the per-layer table."""
@@ -120,19 +125,7 @@ class PruneReport:
             + (f", whole model {s['model_sparsity']:.4f}" if s["model_sparsity"] is not None else "")
             + f", mean error {s['mean_error']:.4e}, {s['seconds']:.1f} s"
         )
-        header = ["layer", "shape", "method", "sparsity", "rel. error", "seconds", "iters"]
-        rows = [
-            [
-                r.name,
-                f"{r.shape[0]}×{r.shape[1]}",
-                r.method,
-                f"{r.sparsity:.4f}",
-                f"{r.error:.4e}",
-                f"{r.seconds:.2f}",
-                str(r.info.get("iterations", "")),
-            ]
-            for r in self.layers
-        ]
+        header, rows = self._layer_rows("×")
         head = "".join(f"<th>{escape(h)}</th>" for h in header)
         body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in rows)
         return (
