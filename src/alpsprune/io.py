@@ -353,12 +353,12 @@ def _load_gguf(
 
 
 def _gguf_cache_folder(gguf: Path, cache_name: str | None) -> Path:
-    """Named folders for the bundled model; other files are keyed by path, size and mtime, so an edited or
-    replaced file converts again (the source mark inside is checked as well)."""
-    if cache_name is None:
-        digest = hashlib.sha1(json.dumps(_gguf_source_mark(gguf), sort_keys=True).encode()).hexdigest()[:12]
-        cache_name = f"gguf-{gguf.stem.lower()}-{digest}"
-    return cache_root() / "models" / cache_name
+    """One folder per source file, keyed by its path, size and mtime (the source mark inside is checked as
+    well): an edited or replaced file, another venv or another checkout converts into a folder of its own,
+    so a cache written by another copy or an older alpsprune (without a manifest) is never in the way and
+    never deleted. The bundled model's folder starts with its readable name."""
+    digest = hashlib.sha1(json.dumps(_gguf_source_mark(gguf), sort_keys=True).encode()).hexdigest()[:12]
+    return cache_root() / "models" / f"{cache_name or 'gguf-' + gguf.stem.lower()}-{digest}"
 
 
 def _cache_matches(folder: Path, mark: dict[str, Any]) -> bool:
