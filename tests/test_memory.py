@@ -292,7 +292,8 @@ def test_scaled_eig_peak_memory_is_lean():
     measured 19.6 bytes·in² (n = 1500). The old path added H and Hn in float64 (≥ 32 bytes·in²)."""
     n = 1500
     extra = _peak_extra("eig", n)
-    assert extra <= 22 * n * n, extra / n**2
+    # room for allocator / MKL workspace differences between machines; still far under the old 34.8
+    assert extra <= 26 * n * n, extra / n**2
 
 
 def test_sparsegpt_factorisation_peak_is_reference_plus_one_buffer():
@@ -301,7 +302,9 @@ def test_sparsegpt_factorisation_peak_is_reference_plus_one_buffer():
     12 bytes·in²) plus one in×in float64 buffer. The old float64 path needed ≥ 24 bytes·in² more."""
     n = 1500
     extra = _peak_extra("chol", n)
-    assert extra <= 14 * n * n, extra / n**2
+    # room for allocator / MKL workspace differences between machines (a clean checkout here failed the
+    # first bound of 14); still far under the old path's 38.9
+    assert extra <= 18 * n * n, extra / n**2
 
 
 def test_sparsegpt_float32_factorisation_keeps_the_objective():
