@@ -41,6 +41,7 @@ from .models import (
 )
 from .models.replay import BlockReplay
 from .parallel import Parallel, single_process
+from .reconstruct import Reconstruction, reconstruct_block
 from .report import LayerRecord, PruneReport
 from .solvers import prune_layer, solver_options
 from .sparsity import SparsitySpec
@@ -412,6 +413,7 @@ def prune_model(
     checkpoint_dir=None,
     resume: bool = False,
     parallel: Parallel | None = None,
+    reconstruction: Reconstruction | None = None,
     **solver_opts,
 ) -> PruneReport:
     """Prune every target linear of a Hugging Face decoder LM in place, block by block.
@@ -523,6 +525,10 @@ def prune_model(
     with torch.no_grad():
         inputs = capture_stream(model, my_samples, placement, batch_size=batch_size)
     hidden: ActivationStream = inputs.hidden
+    if reconstruction is not None and not dense_target:
+        raise AlpsPruneError(
+            "reconstruction trains each block towards the dense model's outputs: it needs dense_target=True"
+        )
     dense_stream = hidden.share() if dense_target else None
     first_block = 0
     if resume:
@@ -552,7 +558,7 @@ def prune_model(
         for index in range(first_block, n_blocks):
             t_block = time.perf_counter()
             with visiting(plan.blocks[index], device, release=release_blocks) as block:
-                records, calib_seconds = _prune_block(
+                records, calib_seconds, rec = _prune_block(
                     index,
                     block,
                     plan,
@@ -564,6 +570,7 @@ def prune_model(
                     parallel,
                     bar,
                     replay_memory,
+                    reconstruction,
                 )
             report.layers.extend(records)
             report.blocks.append(
@@ -571,6 +578,7 @@ def prune_model(
                     "index": index,
                     "seconds": time.perf_counter() - t_block,
                     "calibration_seconds": calib_seconds,
+                    **({"reconstruction": rec} if rec else {}),
                 }
             )
             if parallel.is_main:
@@ -587,8 +595,19 @@ def prune_model(
 
 
 def _prune_block(
-    index, block, plan, hidden, dense_stream, inputs, placement, sequential, parallel, bar, replay_memory
-) -> tuple[list[LayerRecord], float]:
+    index,
+    block,
+    plan,
+    hidden,
+    dense_stream,
+    inputs,
+    placement,
+    sequential,
+    parallel,
+    bar,
+    replay_memory,
+    reconstruction=None,
+) -> tuple[list[LayerRecord], float, dict]:
     """Prune one block (on the device) and advance both streams past it, in place."""
     layers = plan.layers[index]
     device = placement.device
@@ -600,7 +619,7 @@ def _prune_block(
         propagate(block, hidden, kwargs_of)
         if dense_stream is not None:
             propagate(block, dense_stream, kwargs_of)
-        return [], 0.0
+        return [], 0.0, {}
     t0 = time.perf_counter()
     # later passes over the pruned stream may skip the parts of the block that are already final
     replay = BlockReplay(block, layers, device, placement.store, budget=replay_memory)
@@ -665,6 +684,14 @@ def _prune_block(
             gram.free()
         del grams, results
     del dense_weights
+    rec: dict = {}
+    if reconstruction is not None:
+        t0 = time.perf_counter()
+        replay.clear()  # the finished parts' recorded outputs are stale once the weights move
+        pruned = set()
+        masks = {layers[name].weight: layers[name].weight.data != 0 for name in layers}
+        rec = reconstruct_block(block, masks, hidden, dense_stream, kwargs_of, reconstruction, index)
+        rec["seconds"] = time.perf_counter() - t0
 
     def check(batch: int, out: torch.Tensor) -> None:
         if not bool(torch.isfinite(out).all()):
@@ -680,7 +707,7 @@ def _prune_block(
         propagate(block, hidden, kwargs_of, before=before, check=check)
     replay.clear()
     calib_seconds += time.perf_counter() - t0
-    return records, calib_seconds
+    return records, calib_seconds, rec
 
 
 def _solve_layer(name, module, gram, plan, index, device, bar) -> tuple[torch.Tensor, LayerRecord]:
