@@ -54,7 +54,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import CheckpointError, OutputError
-from .models import get_weight
 from .report import PruneReport
 
 STATE = "state.json"
@@ -249,8 +248,15 @@ class Checkpointer:
         self.model = model_identity(model)
 
     def save(
-        self, index: int, layers: dict, hidden: list, dense: list | None, report: PruneReport, parallel
+        self,
+        index: int,
+        weights: dict[str, torch.Tensor],
+        hidden: list,
+        dense: list | None,
+        report: PruneReport,
+        parallel,
     ) -> None:
+        """``weights``: the block's pruned tensors by full name (rank 0 writes them)."""
         mine = sum(int(h.shape[0]) for h in hidden)
         counts = parallel.gather_list([mine])  # one int per rank, on rank 0
         names = [_inputs_name(index, r) for r in range(parallel.world_size)]
@@ -264,8 +270,8 @@ class Checkpointer:
         self.dir.mkdir(parents=True, exist_ok=True)
         _atomic(self.dir / names[parallel.rank], lambda p: save_file(tensors, str(p)))
         if parallel.is_main:
-            weights = {name: get_weight(m).contiguous().cpu() for name, m in layers.items()}
-            _atomic(self.dir / block_file, lambda p: save_file(weights, str(p)))
+            tensors_out = {name: w.contiguous().cpu() for name, w in weights.items()}
+            _atomic(self.dir / block_file, lambda p: save_file(tensors_out, str(p)))
         parallel.barrier()  # every shard is on disk before the state points at them
         if not parallel.is_main:
             return

@@ -473,6 +473,10 @@ def prune_model(
         dense_target=dense_target,
         allocation=allocation,
     )
+    if faithful and reconstruction is not None:
+        raise AlpsPruneError(
+            "faithful=True is the paper's algorithm, which has no reconstruction step; drop one of them"
+        )
     allocation_mode = allocation if isinstance(allocation, str) else "custom"
     plan_options = dict(
         method=method, sparsity=sparsity, mask_structure=mask_structure, targets=targets, ignore=ignore
@@ -509,6 +513,7 @@ def prune_model(
         "sequential": sequential,
         "dense_target": dense_target,
         "allocation": allocation_mode,
+        "reconstruction": reconstruction.to_dict() if reconstruction is not None else None,
         "nsamples": int(calibration.shape[0]),
         "seqlen": int(calibration.shape[1]),
         "batch_size": batch_size,
@@ -525,11 +530,8 @@ def prune_model(
     with torch.no_grad():
         inputs = capture_stream(model, my_samples, placement, batch_size=batch_size)
     hidden: ActivationStream = inputs.hidden
-    if reconstruction is not None and not dense_target:
-        raise AlpsPruneError(
-            "reconstruction trains each block towards the dense model's outputs: it needs dense_target=True"
-        )
-    dense_stream = hidden.share() if dense_target else None
+    # the dense model's hidden states: targets of the layers (dense_target) and/or of each block
+    dense_stream = hidden.share() if dense_target or reconstruction is not None else None
     first_block = 0
     if resume:
         first_block, hidden, dense_stream, report = _resume(
@@ -570,6 +572,7 @@ def prune_model(
                     parallel,
                     bar,
                     replay_memory,
+                    dense_target,
                     reconstruction,
                 )
             report.layers.extend(records)
@@ -585,7 +588,8 @@ def prune_model(
                 errs = ", ".join(f"{r.name.rsplit('.', 1)[-1]} {r.error:.3e}" for r in records)
                 log.info("block %d/%d (%.1f s): %s", index + 1, n_blocks, report.blocks[-1]["seconds"], errs)
             if ckpt is not None:
-                ckpt.save(index, plan.layers[index], hidden, dense_stream, report, parallel)
+                weights = block_weights(plan, index, whole=reconstruction is not None)
+                ckpt.save(index, weights, hidden, dense_stream, report, parallel)
             bar.update(1)
     finally:
         bar.close()
@@ -606,7 +610,8 @@ def _prune_block(
     parallel,
     bar,
     replay_memory,
-    reconstruction=None,
+    dense_target,
+    reconstruction,
 ) -> tuple[list[LayerRecord], float, dict]:
     """Prune one block (on the device) and advance both streams past it, in place."""
     layers = plan.layers[index]
@@ -621,20 +626,26 @@ def _prune_block(
             propagate(block, dense_stream, kwargs_of)
         return [], 0.0, {}
     t0 = time.perf_counter()
+    # the dense stream's targets for the layers (dense_target) or only for the whole block
+    # (reconstruction alone): then it moves past the still-dense block now, in one pass
+    targets = dense_stream
+    if dense_stream is not None and not dense_target:
+        propagate(block, dense_stream, kwargs_of)
+        targets = None
     # later passes over the pruned stream may skip the parts of the block that are already final
     replay = BlockReplay(block, layers, device, placement.store, budget=replay_memory)
     with torch.no_grad():
         groups = input_groups(block, layers, hidden.fetch(0), kwargs_of(0), replay)
     stages = [groups] if sequential == "block" else [[g] for g in groups]
     dense_weights = dense_inputs = None
-    if dense_stream is not None:
+    if targets is not None:
         # store the dense layer inputs (one dense pass) when the replay budget has room for them,
         # else recompute them stage by stage from the dense stream (nothing outlives a batch)
-        need = dense_input_bytes(layers, groups, dense_stream)
+        need = dense_input_bytes(layers, groups, targets)
         if replay_memory is None or need <= replay_memory:
             leaders = {g[0]: layers[g[0]] for g in groups}
             with torch.no_grad():
-                dense_inputs = store_dense_inputs(block, leaders, dense_stream, kwargs_of, placement.store)
+                dense_inputs = store_dense_inputs(block, leaders, targets, kwargs_of, placement.store)
             replay.budget = None if replay_memory is None else replay_memory - need
         else:
             dense_weights = DenseWeights()
@@ -652,7 +663,7 @@ def _prune_block(
                 hidden,
                 kwargs_of,
                 device,
-                dense_stream if dense_inputs is None else None,
+                targets if dense_inputs is None else None,
                 replay,
                 dense_weights,
                 advance_dense=last and dense_inputs is None,
@@ -751,6 +762,20 @@ def _solve_layer(name, module, gram, plan, index, device, bar) -> tuple[torch.Te
     return pruned, record
 
 
+def block_weights(plan: PrunePlan, index: int, whole: bool) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of a finished block: its target linears' weights by module name, and
+    with ``whole`` (reconstruction moves them too) every other parameter by its full name."""
+    layers = plan.layers[index]
+    weights = {name: get_weight(module) for name, module in layers.items()}
+    if whole:
+        targets = {f"{name}.weight" for name in layers}
+        prefix = f"{plan.blocks_path}.{index}."
+        for name, param in plan.blocks[index].named_parameters():
+            if prefix + name not in targets:
+                weights[prefix + name] = param.data
+    return weights
+
+
 def _check_calibration(calibration: torch.Tensor, model: nn.Module) -> None:
     from .errors import DataError
 
@@ -777,8 +802,13 @@ def _resume(
         if release_blocks:  # finished blocks are not needed here: free them instead of loading them
             plan.blocks[index].to("meta")
             continue
+        params = dict(plan.blocks[index].named_parameters())
+        prefix = f"{plan.blocks_path}.{index}."
         for name, weight in state.weights_for(index).items():
-            set_weight(plan.layers[index][name], weight)
+            if name in plan.layers[index]:
+                set_weight(plan.layers[index][name], weight)
+            else:  # a parameter reconstruction moved (see block_weights)
+                params[name.removeprefix(prefix)].data.copy_(weight)
     # this rank's windows, in its batches (the checkpoint re-batches and re-shards)
     hidden = ActivationStream(state.hidden, placement)
     dense = ActivationStream(state.dense, placement) if state.dense is not None else None
