@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "prune_model": ".pipeline",
+    "Reconstruction": ".reconstruct",
     "PruneReport": ".report",
     "save_pruned": ".io",
     "load_model": ".io",

@@ -180,6 +180,9 @@ def _recipe(settings: Mapping[str, Any]) -> str:
         f"dense_target={settings.get('dense_target')}",
         f"allocation={settings.get('allocation')}",
     ]
+    rec = settings.get("reconstruction")
+    if rec:
+        parts.append(f"reconstruction={rec.get('epochs')} epochs at lr {rec.get('lr')}")
     return ", ".join(parts)
 
 

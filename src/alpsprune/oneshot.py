@@ -74,6 +74,7 @@ def oneshot(
     sequential: str | None = None,
     dense_target: bool | None = None,
     allocation: dict[str, float] | str | None = None,
+    reconstruction: Any = None,
     batch_size: int = 1,
     offload_activations: bool = False,
     progress: bool = True,
@@ -102,7 +103,8 @@ def oneshot(
     :param dampening_frac: the solvers' ridge ``λ = frac · mean(diag G)``.
     :param splits: the split of a named dataset (default: its calibration split).
     :param solver_opts: further method options, e.g. ``pcg_steps=20``; ``faithful``, ``sequential``,
-        ``dense_target``, ``allocation``: the pipeline (see :func:`alpsprune.prune_model`).
+        ``dense_target``, ``allocation``, ``reconstruction``: the pipeline (see
+        :func:`alpsprune.prune_model`).
     """
     from .io import check_output_folder, load_model, load_tokenizer, save_pruned
     from .pipeline import prune_model, resolve_recipe
@@ -111,7 +113,12 @@ def oneshot(
     if sparsity is None and mask_structure is None:
         sparsity = DEFAULT_SPARSITY
     spec = SparsitySpec.parse(sparsity, mask_structure)
-    recipe = {"faithful": faithful, "sequential": sequential, "dense_target": dense_target}
+    recipe = {
+        "faithful": faithful,
+        "sequential": sequential,
+        "dense_target": dense_target,
+        "reconstruction": reconstruction,
+    }
     resolve_recipe(method, spec, **recipe, allocation=allocation)
     if dampening_frac is not None:
         solver_opts["dampening_frac"] = dampening_frac

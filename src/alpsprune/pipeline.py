@@ -78,6 +78,27 @@ def recommended_recipe(method: str, spec: SparsitySpec) -> dict:
     return recipe
 
 
+def resolve_reconstruction(
+    method: str,
+    spec: SparsitySpec,
+    reconstruction: Reconstruction | bool | None = None,
+    *,
+    faithful: bool = False,
+) -> Reconstruction | None:
+    """The reconstruction step to run: ``None`` (the recipe's choice), ``False`` (off), ``True``
+    (the default :class:`Reconstruction`) or given settings. The paper's algorithm has none."""
+    if reconstruction is None:
+        wanted = not faithful and recommended_recipe(method, spec).get("reconstruct", False)
+        return Reconstruction() if wanted else None
+    if reconstruction is False:
+        return None
+    if faithful:
+        raise AlpsPruneError(
+            "faithful=True is the paper's algorithm, which has no reconstruction step; drop one of them"
+        )
+    return Reconstruction() if reconstruction is True else reconstruction
+
+
 def resolve_recipe(
     method: str,
     spec: SparsitySpec,
@@ -86,6 +107,7 @@ def resolve_recipe(
     sequential: str | None = None,
     dense_target: bool | None = None,
     allocation: dict[str, float] | str | None = None,
+    reconstruction: Reconstruction | bool | None = None,
 ) -> tuple[str, bool, dict[str, float] | str]:
     """Fill the options left at ``None`` from the method's recipe; refuse contradictions.
 
@@ -109,6 +131,9 @@ def resolve_recipe(
                 f"faithful=True reproduces the paper's algorithm and cannot be combined with {', '.join(clashes)}; "
                 "drop one of them"
             )
+    resolve_reconstruction(
+        method, spec, reconstruction, faithful=faithful
+    )  # refuses faithful + reconstruction
     recipe = FAITHFUL if faithful else recommended_recipe(method, spec)
     dense_target = recipe["dense_target"] if dense_target is None else bool(dense_target)
     if sequential is None:
@@ -413,7 +438,7 @@ def prune_model(
     checkpoint_dir=None,
     resume: bool = False,
     parallel: Parallel | None = None,
-    reconstruction: Reconstruction | None = None,
+    reconstruction: Reconstruction | bool | None = None,
     **solver_opts,
 ) -> PruneReport:
     """Prune every target linear of a Hugging Face decoder LM in place, block by block.
@@ -454,6 +479,10 @@ def prune_model(
         and saves the pruned model), so that each holds one block instead of a whole pruned copy
         (:func:`alpsprune.streaming.visiting`). The returned report is complete; the model is not.
     :param batch_size: calibration samples per forward pass.
+    :param reconstruction: after a block's layers are solved, train its kept weights (masks fixed)
+        towards the dense block's outputs (:mod:`alpsprune.reconstruct`): a
+        :class:`~alpsprune.reconstruct.Reconstruction`, ``True`` (its defaults), ``False`` (off) or
+        ``None`` (the recipe's choice). Keeps a dense stream even without ``dense_target``.
     :param checkpoint_dir: save progress after every block there (see :mod:`alpsprune.checkpoint`).
     :param resume: continue from the last completed block in ``checkpoint_dir``.
     :param parallel: distributed context (see :mod:`alpsprune.parallel`); default single process.
@@ -473,10 +502,7 @@ def prune_model(
         dense_target=dense_target,
         allocation=allocation,
     )
-    if faithful and reconstruction is not None:
-        raise AlpsPruneError(
-            "faithful=True is the paper's algorithm, which has no reconstruction step; drop one of them"
-        )
+    reconstruction = resolve_reconstruction(method, spec, reconstruction, faithful=faithful)
     allocation_mode = allocation if isinstance(allocation, str) else "custom"
     plan_options = dict(
         method=method, sparsity=sparsity, mask_structure=mask_structure, targets=targets, ignore=ignore

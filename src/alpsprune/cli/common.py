@@ -116,6 +116,27 @@ def add_pruning_args(p: argparse.ArgumentParser, single: bool = True) -> None:
         "(default: recipe; owl for alps at unstructured sparsity above 60%%, else uniform)",
     )
     g.add_argument(
+        "--reconstruct",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="after each block's layers are solved, train its kept weights (masks fixed) towards the "
+        "dense block's outputs with Adam (default: recipe)",
+    )
+    g.add_argument(
+        "--reconstruct-epochs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="passes over the calibration batches per block (default 2; implies --reconstruct)",
+    )
+    g.add_argument(
+        "--reconstruct-lr",
+        type=float,
+        default=None,
+        metavar="LR",
+        help="Adam learning rate, cosine-decayed per block (default 1e-4; implies --reconstruct)",
+    )
+    g.add_argument(
         "--dampening-frac",
         type=float,
         default=None,
@@ -287,7 +308,29 @@ def pipeline_options(args) -> dict:
         "sequential": args.sequential,
         "dense_target": args.dense_target,
         "allocation": args.allocation,
+        "reconstruction": reconstruction_option(args),
     }
+
+
+def reconstruction_option(args):
+    """``--reconstruct`` and its settings as ``prune_model``'s ``reconstruction`` (None: the recipe's)."""
+    from ..reconstruct import Reconstruction
+
+    tuned = {
+        key: value
+        for key, value in (("epochs", args.reconstruct_epochs), ("lr", args.reconstruct_lr))
+        if value is not None
+    }
+    if args.reconstruct is False:
+        if tuned:
+            raise UsageError("--no-reconstruct cannot be combined with --reconstruct-epochs/--reconstruct-lr")
+        return False
+    if not tuned:
+        return args.reconstruct
+    try:
+        return Reconstruction(**tuned, seed=getattr(args, "seed", 0) or 0)
+    except ValueError as exc:
+        raise UsageError(f"--{str(exc).replace('reconstruction ', 'reconstruct-')}") from None
 
 
 def parse_list(text: str | None) -> list[str]:

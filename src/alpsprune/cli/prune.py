@@ -538,7 +538,13 @@ def dense_eval_key(model, eval_data: dict, seqlen: int, max_windows, dtype: str)
 def _is_faithful(settings: dict) -> bool:
     from ..pipeline import FAITHFUL
 
-    return all(settings.get(key) == value for key, value in FAITHFUL.items())
+    same = all(settings.get(key) == value for key, value in FAITHFUL.items())
+    return same and not settings.get("reconstruction")
+
+
+def _reconstruction_text(settings: dict) -> str:
+    rec = settings.get("reconstruction")
+    return f", reconstruction={rec['epochs']} epochs at lr {rec['lr']:g}" if rec else ""
 
 
 def summary(report, out: Path) -> str:
@@ -549,7 +555,8 @@ def summary(report, out: Path) -> str:
         f"alpsprune: {s['method']} at {pattern} on {s.get('model')}: {sm['layers']} layers, targeted sparsity "
         f"{sm['targeted_sparsity']:.4f} (whole model {sm['model_sparsity']:.4f}), pruned in {sm['seconds']:.1f} s",
         f"  pipeline: sequential={s['sequential']}, dense_target={s['dense_target']}, "
-        f"allocation={s['allocation']}" + (" (the paper's, --faithful)" if _is_faithful(s) else ""),
+        f"allocation={s['allocation']}{_reconstruction_text(s)}"
+        + (" (the paper's, --faithful)" if _is_faithful(s) else ""),
     ]
     ppl = report.extra.get("perplexity", {})
     for name, p in ppl.get("pruned", {}).items():
