@@ -17,6 +17,17 @@ CONFIGS = [
     ("alps-2of4-faithful", {"method": "alps", "mask_structure": "2:4", "faithful": True}, 4),
     # ALPS's default recipe above 60%: OWL's statistics pass sharded over the ranks like calibration
     ("alps-owl-dense-target", {"method": "alps", "sparsity": 0.7, "batch_size": 1}, 5),
+    # reconstruction: each step's gradient from the rank holding its batch, summed over the ranks
+    (
+        "sparsegpt-reconstruct",
+        {
+            "method": "sparsegpt",
+            "sparsity": 0.6,
+            "batch_size": 1,
+            "reconstruction": {"epochs": 2, "lr": 1e-3},
+        },
+        5,
+    ),
 ]
 
 
@@ -26,6 +37,10 @@ def run_config(parallel, kwargs: dict, nsamples: int, checkpoint_dir) -> tuple[d
     from alpsprune.models import get_weight, list_target_layers
     from alpsprune.pipeline import prune_model
 
+    from alpsprune.reconstruct import Reconstruction
+
+    if isinstance(kwargs.get("reconstruction"), dict):
+        kwargs = {**kwargs, "reconstruction": Reconstruction(**kwargs["reconstruction"])}
     model = make_tiny_model("llama")
     calibration = tiny_input_ids(nsamples, 32, seed=1)
     report = prune_model(

@@ -78,6 +78,9 @@ class Parallel:
         different ``n_r``, also 0). Used where a sum must follow the single process's batch order."""
         return rows
 
+    def all_reduce_sum_(self, tensors: list[torch.Tensor]) -> None:
+        """Sum each tensor over ranks, in place (every rank gets the sums)."""
+
     def solve(
         self,
         tasks: list[tuple[str, str]],
@@ -165,6 +168,21 @@ class Distributed(Parallel):
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(parts, padded)
         return torch.cat([p[:n] for p, n in zip(parts, sizes)]).to(rows.device)
+
+    def all_reduce_sum_(self, tensors: list[torch.Tensor]) -> None:
+        if not tensors:
+            return
+        # one flat buffer per dtype: one collective per step, not one per parameter
+        for dtype in sorted({t.dtype for t in tensors}, key=str):
+            group = [t for t in tensors if t.dtype == dtype]
+            flat = torch.cat([t.reshape(-1) for t in group])
+            buf = flat.to(self._comm_device(flat.device))
+            dist.all_reduce(buf)
+            buf = buf.to(flat.device)
+            offset = 0
+            for t in group:
+                t.copy_(buf[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
 
     def all_reduce_grams(self, grams: dict[str, Gram]) -> None:
         names = sorted(grams)  # same order on every rank

@@ -727,7 +727,9 @@ def _prune_block(
         replay.clear()  # the finished parts' recorded outputs are stale once the weights move
         pruned = set()
         masks = {layers[name].weight: layers[name].weight.data != 0 for name in layers}
-        rec = reconstruct_block(block, masks, hidden, dense_stream, kwargs_of, reconstruction, index)
+        rec = reconstruct_block(
+            block, masks, hidden, dense_stream, kwargs_of, reconstruction, index, parallel
+        )
         rec["seconds"] = time.perf_counter() - t0
 
     def check(batch: int, out: torch.Tensor) -> None:

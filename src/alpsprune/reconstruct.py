@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .models import run_block
+from .parallel import Parallel, single_process
 from .streaming import ActivationStream
 
 
@@ -52,11 +53,25 @@ class Reconstruction:
 
 
 def _float32(value):
+    """Floating tensors (also inside tuples and dicts, e.g. rotary cos/sin) as float32."""
     if isinstance(value, torch.Tensor) and value.is_floating_point():
         return value.float()
     if isinstance(value, tuple):
         return tuple(_float32(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _float32(v) for k, v in value.items()}
     return value
+
+
+def _batch_losses(block, inputs, targets, kwargs_of) -> torch.Tensor:
+    """Per batch of this rank: (sum of squared errors, element count), float64, shape ``(batches, 2)``."""
+    rows = []
+    with torch.no_grad():
+        for b in range(len(inputs)):
+            out = run_block(block, inputs.fetch(b), kwargs_of(b))
+            diff = out.double() - targets.fetch(b).to(out.device).double()
+            rows.append(torch.tensor([float(diff.pow(2).sum()), float(diff.numel())], dtype=torch.float64))
+    return torch.stack(rows) if rows else torch.zeros((0, 2), dtype=torch.float64)
 
 
 def block_mse(
@@ -64,16 +79,16 @@ def block_mse(
     inputs: ActivationStream,
     targets: ActivationStream,
     kwargs_of: Callable[[int], dict],
+    parallel: Parallel | None = None,
 ) -> float:
-    """Mean squared error of the block's outputs against ``targets`` over all batches (float64 sum)."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for b in range(len(inputs)):
-            out = run_block(block, inputs.fetch(b), kwargs_of(b))
-            diff = out.double() - targets.fetch(b).to(out.device).double()
-            total += float(diff.pow(2).sum())
-            count += diff.numel()
-    return total / max(count, 1)
+    """Mean squared error of the block's outputs against ``targets`` over all batches of all ranks,
+    summed in the single process's batch order (so every rank, and one process, get the same number)."""
+    rows = (parallel or single_process()).all_gather_rows(_batch_losses(block, inputs, targets, kwargs_of))
+    total, count = 0.0, 0.0
+    for loss, n in rows.tolist():
+        total += loss
+        count += n
+    return total / max(count, 1.0)
 
 
 def reconstruct_block(
@@ -84,59 +99,72 @@ def reconstruct_block(
     kwargs_of: Callable[[int], dict],
     settings: Reconstruction,
     block_index: int = 0,
+    parallel: Parallel | None = None,
 ) -> dict[str, float | bool]:
     """Train ``block``'s floating-point parameters (in place) so that ``block(inputs) ≈ targets``.
 
-    ``masks`` maps each pruned weight to its keep-mask: those entries are zeroed after every step,
-    so the sparsity pattern is exactly the solvers'. The optimisation runs in float32 whatever the
-    model's dtype (bf16 steps of ~1e-4 would mostly round away) and the result is cast back.
+    ``masks`` maps each pruned weight to its keep-mask: their gradients are masked (Adam's moments
+    of a pruned entry stay zero) and the entries zeroed after every step, so the sparsity pattern is
+    exactly the solvers'. Each step is one calibration batch, in a seeded order over all batches.
+    Under torchrun the rank holding the step's batch computes its gradient and the others add
+    zeros, so every rank, and a single process, take the very same steps. The optimisation runs in
+    float32 whatever the model's dtype (bf16 steps of ~1e-4 would mostly round away) and the result
+    is cast back. A block that ends worse than it started (or non-finite) gets its weights back.
     Returns the block-output MSE before and after.
     """
+    parallel = parallel or single_process()
     params = [p for p in block.parameters() if p.is_floating_point()]
     dtypes = [p.dtype for p in params]
-    before = block_mse(block, inputs, targets, kwargs_of)
-    backup = [p.data.clone() for p in params]  # a step that makes the block worse is undone
-    masters = [p.data.float() for p in params]
-    low_precision = [p.dtype != torch.float32 for p in params]
-    for p, master in zip(params, masters):
-        p.data = master
-    float_masks = {id(p): masks[p] for p in params if p in masks}
+    before = block_mse(block, inputs, targets, kwargs_of, parallel)
+    backup = [p.data.clone() for p in params]
+    for p in params:
+        p.data = p.data.float()
+    grad_masks = {id(p): masks[p].to(p.device, torch.float32) for p in params if p in masks}
+    # global batch g lives on the rank whose share of the batches holds it (shares are contiguous)
+    counts = [int(c) for c in parallel.all_gather_rows(torch.tensor([[len(inputs)]])).flatten()]
+    offset = sum(counts[: parallel.rank])
     generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + block_index)
-    steps = settings.epochs * len(inputs)
-    trainable = params
-    grad_state = [p.requires_grad for p in trainable]
-    optimizer = torch.optim.Adam(trainable, lr=settings.lr)
+    steps = settings.epochs * sum(counts)
+    requires_grad = [p.requires_grad for p in params]
+    optimizer = torch.optim.Adam(params, lr=settings.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
     )
     try:
-        for p in trainable:
+        for p in params:
             p.requires_grad_(True)
-        with torch.enable_grad():
-            for _ in range(settings.epochs):
-                for b in torch.randperm(len(inputs), generator=generator).tolist():
-                    x = inputs.fetch(b).float()
-                    target = targets.fetch(b).to(x.device).float()
-                    kwargs = {k: _float32(v) for k, v in kwargs_of(b).items()}
-                    out = run_block(block, x, kwargs)
-                    loss = torch.nn.functional.mse_loss(out, target)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    scheduler.step()
-                    with torch.no_grad():
-                        for p in trainable:
-                            mask = float_masks.get(id(p))
-                            if mask is not None:
-                                p.mul_(mask)
+        for _ in range(settings.epochs):
+            for g in torch.randperm(sum(counts), generator=generator).tolist():
+                optimizer.zero_grad(set_to_none=True)
+                if offset <= g < offset + len(inputs):
+                    b = g - offset
+                    with torch.enable_grad():
+                        out = run_block(block, inputs.fetch(b).float(), _float32(kwargs_of(b)))
+                        target = targets.fetch(b).to(out.device).float()
+                        torch.nn.functional.mse_loss(out, target).backward()
+                grads = []
+                for p in params:
+                    if p.grad is None:  # not this rank's batch (or unused): adds nothing
+                        p.grad = torch.zeros_like(p)
+                    grads.append(p.grad)
+                parallel.all_reduce_sum_(grads)
+                for p in params:
+                    mask = grad_masks.get(id(p))
+                    if mask is not None:
+                        p.grad.mul_(mask)
+                optimizer.step()
+                scheduler.step()
+                with torch.no_grad():
+                    for p in params:
+                        mask = grad_masks.get(id(p))
+                        if mask is not None:
+                            p.mul_(mask)
     finally:
-        for p, state in zip(trainable, grad_state):
+        for p, state, dtype in zip(params, requires_grad, dtypes):
             p.requires_grad_(state)
             p.grad = None
-        for p, dtype, low in zip(params, dtypes, low_precision):
-            if low:
-                p.data = p.data.to(dtype)
-    after = block_mse(block, inputs, targets, kwargs_of)
+            p.data = p.data.to(dtype)
+    after = block_mse(block, inputs, targets, kwargs_of, parallel)
     if not after < before:  # (also NaN) keep the solvers' weights
         for p, saved in zip(params, backup):
             p.data = saved
