@@ -36,7 +36,6 @@ def run_config(parallel, kwargs: dict, nsamples: int, checkpoint_dir) -> tuple[d
 
     from alpsprune.models import get_weight, list_target_layers
     from alpsprune.pipeline import prune_model
-
     from alpsprune.reconstruct import Reconstruction
 
     if isinstance(kwargs.get("reconstruction"), dict):
