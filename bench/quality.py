@@ -17,6 +17,9 @@ Variants (every pipeline option spelled out):
 * ``evo`` — dense target + sublayer with the searched per-block allocation of
   :mod:`alpsprune.evo` (the seed is the search's seed).
 * ``dense+sublayer`` — dense target + sublayer, uniform allocation.
+* ``recon`` — ``default`` plus local reconstruction of every block (:mod:`alpsprune.reconstruct`,
+  ``--recon-epochs`` / ``--recon-lr``, recorded per run); where ``default`` is the paper's pipeline
+  (≤ 60%, N:M) the layer fits stay the paper's (``sequential="block"``, no dense target).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ VARIANTS = {
     "default": {**_CORRECTED, "allocation": "owl", "above": 0.6},  # the recipe before issue 18
     "evo": {**_CORRECTED, "allocation": "evo"},
     "dense+sublayer": {**_CORRECTED, "allocation": "uniform"},
+    "recon": {**_CORRECTED, "allocation": "owl", "above": 0.6, "reconstruction": True},
 }
 DOMAINS = ("wiki-excerpt", "lee")
 
@@ -50,6 +54,8 @@ def variant_options(variant: str, pattern: str) -> dict:
     options = dict(VARIANTS[variant])
     above = options.pop("above", None)
     if above is not None and (":" in pattern or float(pattern) <= above):
+        if options.get("reconstruction"):  # the paper's layer fits, then reconstruction
+            return {"sequential": "block", "dense_target": False, "reconstruction": True}
         return {"faithful": True}
     return options
 
@@ -66,6 +72,11 @@ def run_single(args, pattern: str, variant: str, seed: int) -> dict:
     calib = get_calibration(args.calib, tok, args.nsamples, args.seqlen, seed=args.calib_seed)
     options = variant_options(variant, pattern)
     extra: dict = {}
+    if options.get("reconstruction"):
+        from alpsprune.reconstruct import Reconstruction
+
+        options["reconstruction"] = Reconstruction(epochs=args.recon_epochs, lr=args.recon_lr)
+        extra["reconstruction"] = options["reconstruction"].to_dict()
     t0, cpu0 = time.perf_counter(), time.process_time()  # CPU time: comparable on a shared machine
     if options.get("allocation") == "evo":
         settings = EvoSettings(seed=seed, generations=args.evo_generations)
@@ -294,6 +305,10 @@ def main() -> None:
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=40)
     p.add_argument("--evo-generations", type=int, default=20)
+    p.add_argument("--recon-epochs", type=int, default=2, help="reconstruction epochs (variant recon)")
+    p.add_argument(
+        "--recon-lr", type=float, default=1e-4, help="reconstruction learning rate (variant recon)"
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(RESULTS / "quality"), help="output prefix (.json/.md/.png)")
     p.add_argument("--single", nargs=3, metavar=("PATTERN", "VARIANT", "SEED"), help=argparse.SUPPRESS)
@@ -318,6 +333,7 @@ def main() -> None:
         "--calib", args.calib, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
         "--calib-seed", str(args.calib_seed), "--eval-seqlen", str(args.eval_seqlen),
         "--max-windows", str(args.max_windows), "--evo-generations", str(args.evo_generations),
+        "--recon-epochs", str(args.recon_epochs), "--recon-lr", str(args.recon_lr),
         "--threads", str(args.threads),
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}

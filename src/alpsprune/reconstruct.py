@@ -116,9 +116,11 @@ def reconstruct_block(
     params = [p for p in block.parameters() if p.is_floating_point()]
     dtypes = [p.dtype for p in params]
     before = block_mse(block, inputs, targets, kwargs_of, parallel)
-    backup = [p.data.clone() for p in params]
+    # train on private float32 copies: the originals (perhaps memory-mapped from the model's files)
+    # are never written, and are what a block that did not improve gets back
+    backup = [p.data for p in params]
     for p in params:
-        p.data = p.data.float()
+        p.data = p.data.to(torch.float32, copy=True)
     grad_masks = {id(p): masks[p].to(p.device, torch.float32) for p in params if p in masks}
     # global batch g lives on the rank whose share of the batches holds it (shares are contiguous)
     counts = [int(c) for c in parallel.all_gather_rows(torch.tensor([[len(inputs)]])).flatten()]
