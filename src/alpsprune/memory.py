@@ -104,17 +104,28 @@ _PLAIN_MLP = {"opt", "gpt2", "gpt_neox", "gptj", "gpt_bigcode", "falcon", "bloom
 # buffers, in² float64 buffers of the dense-target reduction for solvers without a native one).
 # Counted from the code and checked against measured peaks (bench/memory.py). in²: ALPS holds Hn, Q
 # and LAPACK's eigh workspace (≈ 2 in²) at the factorisation, later Hn, Q, (Hn+ρI)⁻¹ and the symmetric
-# product's operand; SparseGPT two float32 buffers while factorising, then U. out·in: the larger of
-# the solver's iterations (ALPS ≈ 10: B0, C, B, D, V, Z, masks, the selection's copy; SparseGPT ≈ 5)
-# and the float64 error report every solver ends with (`masks.relative_error`: Ŵ, Ŵ − W, (Ŵ − W)G
-# and their product in float64 = 8 float32 buffers, plus the float32 Ŵ, W and mask) ≈ 12.
+# product's operand; SparseGPT two float32 buffers while factorising, then U; the dense-target
+# reduction its damped H and Cholesky factor. out·in: the solver's iterations (ALPS ≈ 10: B0, C, B, D,
+# V, Z, masks, the selection's copy; SparseGPT ≈ 5; Wanda: scores, the row sort's values and int64
+# indices, mask and product ≈ 5) plus the float32 Ŵ and pruned W around them. The float64 passes
+# over a weight (the error report `masks.relative_error`, the dense-target reduction) run a slab of
+# rows at a time: :data:`ROW_SLAB_BYTES` each, counted by :func:`row_slab_bytes`.
 SOLVER_WORKSPACE: dict[str, tuple[float, float, float]] = {
     "alps": (4.0, 12.0, 0.0),
-    "sparsegpt": (2.0, 12.0, 2.0),
-    "wanda": (0.0, 12.0, 2.0),
-    "magnitude": (0.0, 12.0, 2.0),
-    "dsnot": (0.0, 12.0, 2.0),
+    "sparsegpt": (2.0, 7.0, 2.0),
+    "wanda": (0.0, 7.0, 2.0),
+    "magnitude": (0.0, 7.0, 2.0),
+    "dsnot": (0.0, 7.0, 2.0),
 }
+ROW_SLAB_BYTES = 8 << 22  # masks.ROW_SLAB_ELEMENTS float64 elements
+ROW_SLABS_LIVE = 3  # a slab of Ŵ, of Ŵ − W (or the right-hand side) and of their product with G
+
+
+def row_slab_bytes(out_features: int, in_features: int) -> int:
+    """Float64 row slabs live at once in a pass over an ``out × in`` weight (never more than all of it)."""
+    return ROW_SLABS_LIVE * min(ROW_SLAB_BYTES, out_features * in_features * 8)
+
+
 NATIVE_DENSE_TARGET = {"alps"}  # the others reduce the dense target with a float64 Cholesky
 
 # Forward temporaries of one decoder block per token, in units of hidden / intermediate elements
@@ -489,7 +500,12 @@ def plan_run(
     def solve_bytes(lin: Linear) -> int:
         sq, oi = lin.in_features**2, lin.out_features * lin.in_features
         dense_reduction = ws[2] * sq * 8 if dense_target and method not in NATIVE_DENSE_TARGET else 0
-        return int(ws[0] * sq * p + ws[1] * oi * 4 + dense_reduction)
+        return int(
+            ws[0] * sq * p
+            + ws[1] * oi * 4
+            + dense_reduction
+            + row_slab_bytes(lin.out_features, lin.in_features)
+        )
 
     worst = 0
     worst_terms: dict[str, int] = {}
