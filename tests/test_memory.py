@@ -500,3 +500,17 @@ def test_plan_row_slabs_match_the_code():
     assert ROW_SLAB_BYTES == 8 * masks.ROW_SLAB_ELEMENTS
     assert row_slab_bytes(8192, 28672) == 3 * ROW_SLAB_BYTES  # 70B down_proj: slabs, not 4 · out·in·8
     assert row_slab_bytes(16, 64) == 3 * 16 * 64 * 8
+
+
+def test_sparsegpt_workspace_is_the_larger_moment_not_their_sum():
+    """Factorisation (3 in² + Ŵ) and column sweep (U + 7 out·in) are never live together: the plan takes
+    the larger (summing them over-predicted the measured h4096 peak by 10%); the dense-target reduction's
+    float64 factor is held through both, so it adds."""
+    from alpsprune.memory import SOLVER_WORKSPACE
+
+    ws = SOLVER_WORKSPACE["sparsegpt"]
+    sq, oi = 11008**2, 4096 * 11008
+    factor, iterate = 3 * sq * 4 + oi * 4, sq * 4 + 7 * oi * 4
+    assert ws.bytes(11008, 4096, 4, dense_target=False) == max(factor, iterate)
+    assert ws.bytes(11008, 4096, 4, dense_target=True) == max(factor, iterate) + 2 * sq * 8
+    assert max(factor, iterate) < factor + iterate - sq * 4  # the model really differs from the sum
