@@ -96,3 +96,66 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     torch.save(results, out / f"rank{rank}.pt")
     parallel.barrier()
     finalize(parallel)
+
+
+def lean_worker(rank: int, world_size: int, port: int, out_dir: str, model_dir: str) -> None:
+    """The CLI's loading under torchrun on a bfloat16 checkpoint run in float32: rank 0 loads float32,
+    rank 1 the checkpoint's bfloat16 (memory-mapped) and casts a block only while it visits."""
+    import contextlib
+    from pathlib import Path
+
+    from tiny_models import tiny_input_ids
+
+    import alpsprune.allocation
+    import alpsprune.pipeline
+    from alpsprune.checkpoint import model_identity
+    from alpsprune.io import load_model
+    from alpsprune.models import find_decoder_blocks, get_weight, list_target_layers
+    from alpsprune.parallel import Distributed, finalize
+    from alpsprune.streaming import visiting
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    parallel = Distributed()
+    model, _ = load_model(model_dir, dtype="float32" if parallel.is_main else "auto")
+    parallel.align_model(model)
+    _, blocks = find_decoder_blocks(model)
+
+    def float32_bytes() -> int:  # what this rank holds in the run's dtype (bf16 is the mapped checkpoint)
+        params = {id(p): p for p in model.parameters()}.values()
+        return sum(p.numel() * 4 for p in params if p.device.type != "meta" and p.dtype == torch.float32)
+
+    result = {
+        "identity": model_identity(model),
+        "block_dtypes_before": sorted({str(p.dtype) for b in blocks for p in b.parameters()}),
+        "block_bytes": sum(p.numel() * 4 for p in blocks[0].parameters()),
+        "outside_bytes": float32_bytes() if not parallel.is_main else None,
+        "during_visits": [],
+    }
+
+    @contextlib.contextmanager
+    def counted(block, *args, **kwargs):
+        with visiting(block, *args, **kwargs) as visited:
+            result["during_visits"].append(float32_bytes())
+            yield visited
+
+    alpsprune.pipeline.visiting = alpsprune.allocation.visiting = counted
+    try:
+        alpsprune.pipeline.prune_model(
+            model,
+            tiny_input_ids(5, 32, seed=1),
+            method="alps",
+            sparsity=0.7,  # ALPS's default recipe above 60%: OWL's statistics pass visits every block too
+            device="cpu",
+            progress=False,
+            parallel=parallel,
+            release_blocks=not parallel.is_main,
+            checkpoint_dir=Path(out_dir) / "ckpt",
+        )
+    finally:
+        alpsprune.pipeline.visiting = alpsprune.allocation.visiting = visiting
+    if parallel.is_main:
+        result["weights"] = {name: get_weight(m) for name, m in list_target_layers(model).items()}
+    torch.save(result, Path(out_dir) / f"lean{rank}.pt")
+    parallel.barrier()
+    finalize(parallel)

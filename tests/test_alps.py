@@ -220,3 +220,21 @@ def test_symmetric_product_equals_full_product(n, dtype):
     assert torch.equal(P, P.T)
     tol = {"rtol": 1e-12, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-3}
     torch.testing.assert_close(P, M @ M.T, **tol)
+
+
+def test_dense_target_reduction_in_row_slabs_equals_one_solve(monkeypatch):
+    """The reduction a slab of rows at a time (uneven slabs of 5 rows) gives the one-shot float64 solve's
+    W* to float64 rounding before the final float32 cast: at most one float32 ulp apart."""
+    from alpsprune import masks
+
+    _, _, _, cross = _dense_target_grams(15)
+    W = torch.randn(23, 64, generator=torch.Generator().manual_seed(16))
+    H, lam = cross.damped(0.01)
+    factor = torch.linalg.cholesky(H)
+    rhs = W.double() @ cross.cross.T + lam * W.double()
+    whole = torch.cholesky_solve(rhs.T, factor).T
+    monkeypatch.setattr(masks, "ROW_SLAB_ELEMENTS", 5 * 64)
+    W_star = dense_target_weight(W, cross, 0.01)
+    assert W_star.dtype == torch.float32
+    ulp = torch.finfo(torch.float32).eps * whole.abs()
+    assert bool(((W_star.double() - whole).abs() <= ulp).all())

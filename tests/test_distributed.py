@@ -216,3 +216,45 @@ def test_torchrun_cli_matches_single_process(cli_setup):
     ppl_dist = report["extra"]["perplexity"]["pruned"]
     ppl_single = json.loads((single / "report.json").read_text())["extra"]["perplexity"]["pruned"]
     assert {k: v["ppl"] for k, v in ppl_dist.items()} == {k: v["ppl"] for k, v in ppl_single.items()}
+
+
+def test_torchrun_ranks_cast_one_block_at_a_time(tmp_path):
+    """A bfloat16 checkpoint pruned in float32 (``--dtype float32``) under torchrun: rank 1 keeps the
+    checkpoint's memory-mapped bfloat16 and holds float32 copies of the modules outside the blocks plus
+    at most one block at any visit (not a float32 copy of the whole model); rank 0's pruned model is the
+    single process's, bit for bit, and both ranks agree on the model's identity (checkpoints)."""
+    import dist_worker
+    from cli_helpers import make_model_dir
+    from tiny_models import tiny_input_ids
+
+    from alpsprune.io import load_model
+    from alpsprune.models import get_weight, list_target_layers
+    from alpsprune.pipeline import prune_model
+
+    model_dir = make_model_dir(tmp_path / "model")
+    bf16, _ = load_model(model_dir, dtype="float32")
+    bf16.to(torch.bfloat16).save_pretrained(model_dir)  # the checkpoint in bfloat16
+    del bf16
+    mp.spawn(
+        dist_worker.lean_worker, args=(2, _free_port(), str(tmp_path), str(model_dir)), nprocs=2, join=True
+    )
+    main_rank, other = (torch.load(tmp_path / f"lean{r}.pt", weights_only=False) for r in range(2))
+
+    assert main_rank["identity"] == other["identity"]
+    assert main_rank["block_dtypes_before"] == ["torch.float32"]
+    assert other["block_dtypes_before"] == ["torch.bfloat16"]  # nothing cast before its visit
+    visits = other["during_visits"]
+    assert len(visits) >= 2 * 3  # the allocation pass and the pruning pass visit each of the 3 blocks
+    # outside the blocks (float32 embeddings + norm) plus exactly one cast block during each visit
+    assert max(visits) == other["outside_bytes"] + other["block_bytes"]
+    assert max(main_rank["during_visits"]) >= other["outside_bytes"] + 3 * other["block_bytes"]
+
+    single, _ = load_model(model_dir, dtype="float32")
+    torch.set_num_threads(1)
+    prune_model(
+        single, tiny_input_ids(5, 32, seed=1), method="alps", sparsity=0.7, device="cpu", progress=False
+    )
+    expected = {name: get_weight(m) for name, m in list_target_layers(single).items()}
+    assert main_rank["weights"].keys() == expected.keys()
+    for name, w in expected.items():
+        assert torch.equal(main_rank["weights"][name], w), name

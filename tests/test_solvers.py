@@ -109,6 +109,39 @@ def test_relative_error_matches_definition():
     assert alpsprune.relative_error(W, Wp, G) == pytest.approx(float(expected), rel=1e-10)
 
 
+def _relative_error_whole(dense: torch.Tensor, pruned: torch.Tensor, G: torch.Tensor) -> float:
+    """The error report before it was computed in slabs: everything in float64 at once."""
+    G = G.to(torch.float64)
+    W_hat = dense.to(torch.float64)
+    delta = W_hat - pruned.to(torch.float64)
+    return float(((delta @ G) * delta).sum() / ((W_hat @ G) * W_hat).sum())
+
+
+@pytest.mark.parametrize("gram_dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", ["pruned", "near_zero"])
+def test_relative_error_in_slabs_equals_whole_float64(monkeypatch, gram_dtype, case):
+    """Row slabs of W (and column slabs of a non-float64 G) give the one-shot float64 value to ~1e-12,
+    also when the error is tiny (Ŵ − W ≈ 1e-6 relative: the difference is exact in float64, so
+    slabbing must not lose it). Slabs of 5 rows / columns: uneven, several of each."""
+    from alpsprune import masks
+
+    W, G = random_layer(out_f=23, in_f=64, seed=7)
+    G = G.to(gram_dtype)
+    if case == "pruned":
+        Wp = W * (torch.rand(W.shape, generator=torch.Generator().manual_seed(8)) > 0.6)
+    else:
+        Wp = W + 1e-6 * torch.randn(W.shape, generator=torch.Generator().manual_seed(8)) * W.abs()
+    whole = _relative_error_whole(W, Wp, G)
+    # independent of both: one einsum over all rows
+    d, Wd, Gd = W.double() - Wp.double(), W.double(), G.double()
+    direct = float(torch.einsum("oi,ij,oj->", d, Gd, d) / torch.einsum("oi,ij,oj->", Wd, Gd, Wd))
+    monkeypatch.setattr(masks, "ROW_SLAB_ELEMENTS", 5 * 64)
+    slabbed = alpsprune.relative_error(W, Wp, G)
+    assert (case == "near_zero") == (whole < 1e-9)
+    assert slabbed == pytest.approx(whole, rel=1e-12)
+    assert slabbed == pytest.approx(direct, rel=1e-12)
+
+
 BAD_INPUTS = [
     ({"sparsity": 1.0}, "sparsity must be in [0, 1)"),
     ({"sparsity": -0.1}, "sparsity must be in [0, 1)"),

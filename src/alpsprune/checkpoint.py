@@ -80,13 +80,19 @@ def model_identity(model: nn.Module | None) -> str:
         skip = {"_name_or_path", "transformers_version", "alpsprune", "architectures"}
         items = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in skip}
         h.update(json.dumps(items, sort_keys=True, default=str).encode())
+    from .streaming import deferred_dtype
+
     with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        # keep_vars: the parameters themselves, which carry a deferred cast (torchrun ranks other than 0
+        # load the checkpoint's dtype and cast a block when it visits): the digest is of the cast model
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            dtype = deferred_dtype(tensor)
+            h.update(f"{name}:{tuple(tensor.shape)}:{dtype}".encode())
             if tensor.device.type == "meta" or tensor.numel() == 0:
                 continue
             flat = tensor.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // _SAMPLED)].contiguous().cpu()
+            # casting is elementwise: the sample of the cast tensor is the cast of the sample
+            sample = flat[:: max(1, flat.numel() // _SAMPLED)].contiguous().cpu().to(dtype)
             h.update(sample.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 

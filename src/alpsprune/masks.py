@@ -103,14 +103,41 @@ def pattern_ok(mask: torch.Tensor, spec: SparsitySpec) -> bool:
     return int(mask.sum()) == spec.n_kept(*mask.shape)
 
 
+# float64 elements of one row slab (32 MiB) for the float64 passes over a layer's weight (the error
+# report, the dense-target reduction): the slabs' products are big enough to run at matmul speed and
+# small next to a large layer's out·in
+ROW_SLAB_ELEMENTS = 1 << 22
+
+
+def row_slabs(out_features: int, in_features: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` row ranges of about :data:`ROW_SLAB_ELEMENTS` elements each."""
+    rows = max(1, ROW_SLAB_ELEMENTS // max(in_features, 1))
+    return [(r0, min(out_features, r0 + rows)) for r0 in range(0, out_features, rows)]
+
+
 def relative_error(dense: torch.Tensor, pruned: torch.Tensor, gram: torch.Tensor) -> float:
-    """``tr((Ŵ−W) G (Ŵ−W)ᵀ) / tr(Ŵ G Ŵᵀ)`` with the undamped gram ``G`` (SPEC §1), in float64."""
-    gram = gram.G if hasattr(gram, "G") else gram  # accept a Gram object too
-    G = gram.to(torch.float64)
-    W_hat = dense.to(device=G.device, dtype=torch.float64)
-    delta = W_hat - pruned.to(device=G.device, dtype=torch.float64)
-    num = ((delta @ G) * delta).sum()
-    den = ((W_hat @ G) * W_hat).sum()
+    """``tr((Ŵ−W) G (Ŵ−W)ᵀ) / tr(Ŵ G Ŵᵀ)`` with the undamped gram ``G`` (SPEC §1), in float64.
+
+    Computed a slab of rows of ``W`` at a time, each slab and its products in float64 (each row's
+    quadratic form is independent, so the sums are the same up to float64 rounding): the extra memory
+    is a few ``rows × in`` float64 slabs, not four ``out × in`` float64 copies (≈ 7.5 GiB at a 70B
+    down_proj). A float64 ``G`` (a :class:`~alpsprune.stats.Gram`'s) is used as stored; any other dtype
+    is widened a slab of columns at a time, so no float64 ``in × in`` copy is made either.
+    """
+    G = gram.G if hasattr(gram, "G") else gram  # accept a Gram object too
+    out_features, in_features = dense.shape
+    slabs = row_slabs(out_features, in_features)
+    # column slabs of G: all of it when it is float64 already (a view, no copy)
+    col_slabs = [(0, in_features)] if G.dtype == torch.float64 else row_slabs(in_features, in_features)
+    num = torch.zeros((), dtype=torch.float64, device=G.device)
+    den = torch.zeros((), dtype=torch.float64, device=G.device)
+    for c0, c1 in col_slabs:
+        G_cols = G[:, c0:c1].to(torch.float64)
+        for r0, r1 in slabs:
+            W_hat = dense[r0:r1].to(device=G.device, dtype=torch.float64)
+            delta = W_hat - pruned[r0:r1].to(device=G.device, dtype=torch.float64)
+            num += torch.linalg.vecdot(delta @ G_cols, delta[:, c0:c1]).sum()
+            den += torch.linalg.vecdot(W_hat @ G_cols, W_hat[:, c0:c1]).sum()
     if den <= 0:
         return 0.0 if num <= 0 else float("inf")
     return float(num / den)

@@ -19,8 +19,9 @@ rank, ``t`` tokens of one batch, ``h`` hidden, ``i`` intermediate width):
   its cross term for the dense target) as float64 ``in²`` sums; one batch's forward temporaries and
   its float32 ``XᵀX`` product.
 - **solve** — the stage's grams plus the largest layer's solver workspace (:data:`SOLVER_WORKSPACE`:
-  ``in²`` buffers of the factorisation and ``out·in`` buffers of the iterations, counted from the
-  solvers' code and checked by measurement, ``bench/memory.py``).
+  the larger of its factorisation's and its iterations' ``in²`` and ``out·in`` buffers, plus float64
+  row slabs of the error report, counted from the solvers' code and checked by measurement,
+  ``bench/memory.py``).
 - **propagate** — the streams and one batch's forward temporaries.
 - **evaluate** — one block at a time on the device (plus embeddings and LM head), one window's
   activations and its float32 logits (a model that fits the device may instead stay resident).
@@ -100,21 +101,49 @@ BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
 # MLPs without a gate (fc1 -> act -> fc2); everything else is treated as gate/up/down.
 _PLAIN_MLP = {"opt", "gpt2", "gpt_neox", "gptj", "gpt_bigcode", "falcon", "bloom", "phi", "codegen"}
 
-# Per-layer solver workspace beyond the gram: (in² buffers in the solver precision, out·in float32
-# buffers, in² float64 buffers of the dense-target reduction for solvers without a native one).
-# Counted from the code and checked against measured peaks (bench/memory.py). in²: ALPS holds Hn, Q
-# and LAPACK's eigh workspace (≈ 2 in²) at the factorisation, later Hn, Q, (Hn+ρI)⁻¹ and the symmetric
-# product's operand; SparseGPT two float32 buffers while factorising, then U. out·in: the larger of
-# the solver's iterations (ALPS ≈ 10: B0, C, B, D, V, Z, masks, the selection's copy; SparseGPT ≈ 5)
-# and the float64 error report every solver ends with (`masks.relative_error`: Ŵ, Ŵ − W, (Ŵ − W)G
-# and their product in float64 = 8 float32 buffers, plus the float32 Ŵ, W and mask) ≈ 12.
-SOLVER_WORKSPACE: dict[str, tuple[float, float, float]] = {
-    "alps": (4.0, 12.0, 0.0),
-    "sparsegpt": (2.0, 12.0, 2.0),
-    "wanda": (0.0, 12.0, 2.0),
-    "magnitude": (0.0, 12.0, 2.0),
-    "dsnot": (0.0, 12.0, 2.0),
+
+# Per-layer solver workspace beyond the gram, at the solver's two moments, whichever is larger: its
+# factorisation and its iterations, as ``(in² buffers in the solver precision, out·in float32
+# buffers)`` each; plus the in² float64 buffers of the dense-target reduction for solvers without a
+# native one (its damped H and cached Cholesky factor, held through the solve). Counted from the code
+# and checked against measured peaks (bench/memory.py). ALPS (one moment): Hn, Q and LAPACK's eigh
+# workspace (≈ 2 in²) at the factorisation, later Hn, Q, (Hn+ρI)⁻¹ and the symmetric product's
+# operand; out·in its iterations (≈ 10: B0, C, B, D, V, Z, masks, the selection's copy) plus Ŵ and W.
+# SparseGPT: H, its factor and torch's copy (3 in², measured 12.9 bytes·in² in tests/test_memory.py)
+# next to Ŵ while factorising, then U and the column sweep's out·in buffers (≈ 5) plus Ŵ and W: the two
+# are never live together (counting them at once over-predicted the h4096 peak by 10%). Wanda: scores,
+# the row sort's values and int64 indices, mask and product (≈ 5) plus Ŵ and W. The float64 passes
+# over a weight (the error report `masks.relative_error`, the dense-target reduction) run a slab of
+# rows at a time: :data:`ROW_SLAB_BYTES` each, counted by :func:`row_slab_bytes`.
+@dataclass(frozen=True)
+class Workspace:
+    factor: tuple[float, float]  # (in², out·in) buffers while factorising
+    iterate: tuple[float, float]  # (in², out·in) buffers while iterating
+    dense_reduction: float  # in² float64 buffers of the dense-target reduction (non-native solvers)
+
+    def bytes(self, in_features: int, out_features: int, precision_bytes: int, dense_target: bool) -> int:
+        sq, oi = in_features**2, out_features * in_features
+        moments = (a * sq * precision_bytes + b * oi * 4 for a, b in (self.factor, self.iterate))
+        reduction = self.dense_reduction * sq * 8 if dense_target else 0
+        return int(max(moments) + reduction)
+
+
+SOLVER_WORKSPACE: dict[str, Workspace] = {
+    "alps": Workspace((4.0, 12.0), (4.0, 12.0), 0.0),
+    "sparsegpt": Workspace((3.0, 1.0), (1.0, 7.0), 2.0),
+    "wanda": Workspace((0.0, 7.0), (0.0, 7.0), 2.0),
+    "magnitude": Workspace((0.0, 7.0), (0.0, 7.0), 2.0),
+    "dsnot": Workspace((0.0, 7.0), (0.0, 7.0), 2.0),
 }
+ROW_SLAB_BYTES = 8 << 22  # masks.ROW_SLAB_ELEMENTS float64 elements
+ROW_SLABS_LIVE = 3  # a slab of Ŵ, of Ŵ − W (or the right-hand side) and of their product with G
+
+
+def row_slab_bytes(out_features: int, in_features: int) -> int:
+    """Float64 row slabs live at once in a pass over an ``out × in`` weight (never more than all of it)."""
+    return ROW_SLABS_LIVE * min(ROW_SLAB_BYTES, out_features * in_features * 8)
+
+
 NATIVE_DENSE_TARGET = {"alps"}  # the others reduce the dense target with a float64 Cholesky
 
 # Forward temporaries of one decoder block per token, in units of hidden / intermediate elements
@@ -487,9 +516,10 @@ def plan_run(
     ]
 
     def solve_bytes(lin: Linear) -> int:
-        sq, oi = lin.in_features**2, lin.out_features * lin.in_features
-        dense_reduction = ws[2] * sq * 8 if dense_target and method not in NATIVE_DENSE_TARGET else 0
-        return int(ws[0] * sq * p + ws[1] * oi * 4 + dense_reduction)
+        reduce = dense_target and method not in NATIVE_DENSE_TARGET
+        return ws.bytes(lin.in_features, lin.out_features, p, reduce) + row_slab_bytes(
+            lin.out_features, lin.in_features
+        )
 
     worst = 0
     worst_terms: dict[str, int] = {}

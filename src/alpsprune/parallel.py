@@ -93,6 +93,9 @@ class Parallel:
         """
         return {name: fn(name, leader) for name, leader in tasks}
 
+    def align_model(self, model: torch.nn.Module) -> None:
+        """Make this rank's model compute exactly as rank 0's (see :meth:`Distributed.align_model`)."""
+
     def barrier(self) -> None:
         """Wait for all ranks."""
 
@@ -266,6 +269,58 @@ class Distributed(Parallel):
             dist.broadcast(buf, src=owner)
             results[name] = (buf.view(dtype).reshape(shape), record)
         return results
+
+    def align_model(self, model: torch.nn.Module) -> None:
+        """Rank 0 (which loaded the run's ``--dtype``) tells every other rank the dtype of each of its
+        parameters and sends its buffers; the other ranks loaded the checkpoint's own dtype, which
+        ``from_pretrained`` memory-maps (nothing resident until read, shared between the ranks of a
+        machine through the page cache). They cast the parameters outside the decoder blocks now
+        (embeddings, final norm, LM head: needed for capture) and defer each block's casts to its visits
+        (:func:`alpsprune.streaming.defer_cast`), so a rank holds one cast block, not a cast copy of the
+        model. Buffers (rotary frequencies and the like: small, some computed at construction in the
+        load dtype) are taken from rank 0 as they are. Afterwards every tensor a block computes with is
+        bit for bit rank 0's; so is the config's ``dtype`` (``from_pretrained`` records the load dtype
+        there), and :func:`alpsprune.checkpoint.model_identity` sees the deferred dtypes.
+        """
+        from .models import find_decoder_blocks
+        from .streaming import defer_cast
+
+        if self.is_main:
+            payload = [
+                {
+                    "params": {n: str(t.dtype) for n, t in model.named_parameters(remove_duplicate=False)},
+                    "buffers": {n: b.detach().cpu() for n, b in model.named_buffers(remove_duplicate=False)},
+                    "config_dtype": getattr(getattr(model, "config", None), "dtype", None),
+                }
+            ]
+        else:
+            payload = [None]
+        dist.broadcast_object_list(payload, src=0)
+        if self.is_main:
+            return
+        dtypes = {n: getattr(torch, d.removeprefix("torch.")) for n, d in payload[0]["params"].items()}
+        buffers = payload[0]["buffers"]
+        mine = dict(model.named_parameters(remove_duplicate=False))
+        if mine.keys() != dtypes.keys() or {n for n, _ in model.named_buffers(remove_duplicate=False)} != set(
+            buffers
+        ):
+            raise AlpsPruneError(
+                "rank 0 loaded a model with other tensors than this rank's; same --model on every rank?"
+            )
+        if payload[0]["config_dtype"] is not None:  # from_pretrained records the dtype it loaded in
+            model.config.dtype = payload[0]["config_dtype"]
+        _, blocks = find_decoder_blocks(model)
+        in_blocks = {id(t) for block in blocks for t in block.parameters()}
+        for name, param in mine.items():
+            if id(param) in in_blocks:
+                defer_cast(param, dtypes[name])
+            elif param.dtype != dtypes[name]:
+                param.data = param.data.to(dtypes[name])
+        for name, _ in model.named_buffers(remove_duplicate=False):
+            owner_name, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            home = owner._buffers[attr].device
+            owner._buffers[attr] = buffers[name].to(home)
 
     def barrier(self) -> None:
         dist.barrier()

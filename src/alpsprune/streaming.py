@@ -223,6 +223,32 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+# attribute of a parameter that is loaded in the checkpoint's dtype (memory-mapped, shared with the page
+# cache) and cast to the run's dtype only while its block visits: see :func:`defer_cast`
+_CAST_ATTR = "_alpsprune_cast_to"
+
+
+def defer_cast(tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    """Cast ``tensor`` (a parameter or buffer of a block) to ``dtype`` whenever its block visits, not now.
+
+    A torchrun rank other than 0 loads the model in the checkpoint's dtype, where ``from_pretrained``
+    memory-maps the safetensors (nothing resident until read); casting it all at load (``--dtype``)
+    would make a private copy of the whole model on every rank. Deferred, the cast copy of one block
+    exists only during its visit (:func:`visiting`). Casting is elementwise and deterministic, so the
+    visiting block holds exactly what a cast at load would have given.
+    """
+    if tensor.dtype == dtype:
+        if hasattr(tensor, _CAST_ATTR):
+            delattr(tensor, _CAST_ATTR)
+        return
+    setattr(tensor, _CAST_ATTR, dtype)
+
+
+def deferred_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype ``tensor`` computes in: its deferred cast's (:func:`defer_cast`), else its own."""
+    return getattr(tensor, _CAST_ATTR, None) or tensor.dtype
+
+
 def _home(block: nn.Module) -> torch.device:
     try:
         return next(block.parameters()).device
@@ -249,13 +275,20 @@ def visiting(
     ``writes=False`` (the visit only reads the weights: statistics, evaluation): the block's own
     tensors are put back afterwards instead of copying the device's back, so there is no transfer
     home and memory-mapped weights stay shared (``block.to`` is then called once).
+
+    Tensors with a deferred cast (:func:`defer_cast`) are cast on the device for the visit; with
+    ``release`` or ``writes=False`` the cast copy is dropped afterwards, so a rank holds at most one
+    cast block.
     """
     home = _home(block)
     tensors = [*block.parameters(), *block.buffers()]
     originals = [t.data for t in tensors] if not writes else None
     block.to(device)
-    if release and home == device:  # on the same device .to() kept the mapped tensors: copy them
-        for tensor in tensors:
+    for tensor in tensors:
+        cast = getattr(tensor, _CAST_ATTR, None)
+        if cast is not None and tensor.dtype != cast:  # deferred cast (defer_cast): a private copy
+            tensor.data = tensor.data.to(cast)
+        elif release and home == device:  # on the same device .to() kept the mapped tensors: copy them
             tensor.data = tensor.data.clone()
     try:
         yield block

@@ -194,7 +194,11 @@ def run(args) -> int:
     )
 
     log.info("loading %s", args.model or "bundled SmolLM2-135M-Instruct")
-    model, tokenizer = load_model(args.model, dtype=args.dtype, **load)
+    # ranks other than 0 load the checkpoint's own dtype (memory-mapped, not resident) and cast one block
+    # at a time when it visits; rank 0, which evaluates and saves, loads --dtype (Parallel.align_model)
+    lean_rank = parallel.world_size > 1 and not parallel.is_main
+    model, tokenizer = load_model(args.model, dtype="auto" if lean_rank else args.dtype, **load)
+    parallel.align_model(model)
     n_layers, n_blocks = plan(model)
     log.info(
         "targets: %d linear layers in %d blocks (targets=%s, ignore=%s)",

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..masks import pattern_ok, relative_error
+from ..masks import pattern_ok, relative_error, row_slabs
 from ..sparsity import SparsitySpec
 from ..stats import Gram, lapack_threads
 
@@ -52,11 +52,16 @@ def dense_target_weight(W_hat: torch.Tensor, gram: Gram, dampening_frac: float) 
             return torch.linalg.cholesky(H), lam
 
     factor, lam = gram.cache(("dense_target_cholesky", dampening_frac), factorise)
-    W = W_hat.to(factor.dtype)
-    rhs = W @ gram.cross.T.to(factor.dtype) + lam * W  # (out, in)
-    with lapack_threads(factor.device):
-        W_star = torch.cholesky_solve(rhs.T, factor).T
-    return W_star.to(W_hat.dtype)
+    cross_T = gram.cross.T.to(factor.dtype)  # a view when both are float64 (the Gram's sums are)
+    W_star = torch.empty_like(W_hat)
+    # rows are independent: a float64 slab of rows at a time, so the float64 copies of W, the right-hand
+    # side and the solution are a few rows × in, not out × in each
+    for r0, r1 in row_slabs(*W_hat.shape):
+        W = W_hat[r0:r1].to(factor.dtype)
+        rhs = W @ cross_T + lam * W  # (rows, in)
+        with lapack_threads(factor.device):
+            W_star[r0:r1] = torch.cholesky_solve(rhs.T, factor).T
+    return W_star
 
 
 @dataclass
