@@ -75,7 +75,7 @@ def run_single(args, pattern: str, variant: str, seed: int) -> dict:
     if options.get("reconstruction"):
         from alpsprune.reconstruct import Reconstruction
 
-        options["reconstruction"] = Reconstruction(epochs=args.recon_epochs, lr=args.recon_lr)
+        options["reconstruction"] = Reconstruction(epochs=args.recon_epochs, lr=args.recon_lr, seed=seed)
         extra["reconstruction"] = options["reconstruction"].to_dict()
     t0, cpu0 = time.perf_counter(), time.process_time()  # CPU time: comparable on a shared machine
     if options.get("allocation") == "evo":

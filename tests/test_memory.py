@@ -514,3 +514,25 @@ def test_sparsegpt_workspace_is_the_larger_moment_not_their_sum():
     assert ws.bytes(11008, 4096, 4, dense_target=False) == max(factor, iterate)
     assert ws.bytes(11008, 4096, 4, dense_target=True) == max(factor, iterate) + 2 * sq * 8
     assert max(factor, iterate) < factor + iterate - sq * 4  # the model really differs from the sum
+
+
+def test_reconstruction_phase_holds_adam_state_and_the_dense_stream(no_weights, capsys):
+    """Reconstruction keeps a dense stream even for the paper's layer fits, and per block a float32
+    copy, its gradient and Adam's two moments (16 bytes a parameter) next to the block."""
+    shape = load_shape("llama-2-7b")
+    options = {"method": "alps", "recipe": "faithful", "nsamples": 128, "seqlen": 2048, "dtype": "bfloat16"}
+    plain, rebuilt = plan_run(shape, **options), plan_run(shape, **options, reconstruct_epochs=2)
+    assert "reconstruct" not in [p.name for p in plain.phases]
+    phase = next(p for p in rebuilt.phases if p.name == "reconstruct")
+    assert phase.terms["float32 copy, gradient, Adam moments"] == 16 * shape.block_params
+    assert phase.terms["dense stream"] == 128 * 2048 * 4096 * 2
+    assert rebuilt.activation_bytes == 2 * plain.activation_bytes
+    assert rebuilt.seconds["reconstruct"] > 0 and rebuilt.seconds["total"] > plain.seconds["total"]
+    more = plan_run(shape, **options, reconstruct_epochs=4)
+    assert more.seconds["reconstruct"] > rebuilt.seconds["reconstruct"]
+    code, out, err = run_cli(
+        ["prune", "llama-2-7b", "--dry-run", "--device", "cpu", "--dtype", "bfloat16", "--reconstruct"],
+        capsys,
+    )
+    assert code == 0, err
+    assert "reconstruct" in out

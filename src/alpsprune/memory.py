@@ -305,6 +305,7 @@ class MemoryPlan:
     placement: str  # where activations live: "device" | "host"
     phases: list[Phase]
     seconds: dict[str, float] = field(default_factory=dict)
+    reconstruct_epochs: int = 0
 
     @property
     def peak_device(self) -> int:
@@ -430,6 +431,7 @@ def plan_run(
     precision_bytes: int = 4,
     eval_seqlen: int | None = None,
     device_flops: tuple[float, float] | None = None,
+    reconstruct_epochs: int = 0,
 ) -> MemoryPlan:
     """Predict the peak memory of each phase (and the time) of one rank of a pruning run.
 
@@ -439,6 +441,7 @@ def plan_run(
     :param precision_bytes: bytes per element of the solver's matrices (ALPS ``precision``).
     :param device_flops: (float32, bf16) flop/s of the device for the time estimate (default: the
         :data:`DEVICE_FLOPS` table for a GPU, a quick measurement on a CPU).
+    :param reconstruct_epochs: epochs of the per-block reconstruction (0: none); adds its phase.
     """
     if recipe not in ("faithful", "default"):
         raise ValueError(f"recipe must be 'faithful' or 'default', got {recipe!r}")
@@ -460,7 +463,7 @@ def plan_run(
 
     stream = T * h * a
     streams = {"hidden stream": stream}
-    if dense_target:
+    if dense_target or reconstruct_epochs:
         streams["dense stream"] = stream
     block = shape.block_params * a
     forward = int(t * (FORWARD_HIDDEN * h + FORWARD_INTERMEDIATE * i) * a)
@@ -537,6 +540,23 @@ def plan_run(
                     "pruned weights (stage)": stage_weights,
                 }
     phases.append(phase("solve", {"block": block, **kept, **worst_terms}, streams))
+    if reconstruct_epochs:
+        # Adam on float32 copies of the block: the copy, its gradient and two moments (4 × 4 bytes a
+        # parameter), the float32 keep-masks of the linears, and one batch's autograd tensors
+        # (the forward's temporaries in float32, and as much again for their gradients)
+        linear_params = sum(lin.out_features * lin.in_features for lin in shape.linears())
+        phases.append(
+            phase(
+                "reconstruct",
+                {
+                    "block": block,
+                    "float32 copy, gradient, Adam moments": shape.block_params * 16,
+                    "keep-masks": linear_params * 4,
+                    "batch autograd": int(2 * t * (FORWARD_HIDDEN * h + FORWARD_INTERMEDIATE * i) * 4),
+                },
+                streams,
+            )
+        )
     phases.append(
         phase(
             "propagate",
@@ -580,6 +600,7 @@ def plan_run(
         device_type=device_type,
         placement=placement,
         phases=phases,
+        reconstruct_epochs=reconstruct_epochs,
     )
     plan.seconds = estimate_seconds(plan, device_flops)
     return plan
@@ -675,6 +696,11 @@ def estimate_seconds(plan: MemoryPlan, rates: tuple[float, float] | None = None)
         "statistics": statistics,
         "solve": solve,
     }
+    if plan.reconstruct_epochs:  # per epoch a forward and a backward (≈ 2 forwards) in float32, plus
+        # the before/after error passes; every rank runs every step (see alpsprune.reconstruct)
+        calib = plan.nsamples * plan.seqlen
+        passes = 3.0 * plan.reconstruct_epochs + 2.0
+        out["reconstruct"] = shape.layers * passes * calib * per_token / mm32
     out["total"] = sum(out.values())
     return out
 
@@ -805,6 +831,7 @@ def plan_cli_run(
     offload: bool | None,
     precision_bytes: int = 4,
     eval_seqlen: int | None = None,
+    reconstruct_epochs: int = 0,
 ) -> RunPlan:
     """Plans for both placements of ``model`` (config only), the budget and the placement to use.
 
@@ -842,6 +869,7 @@ def plan_cli_run(
             precision_bytes=precision_bytes,
             eval_seqlen=eval_seqlen,
             device_flops=rates,
+            reconstruct_epochs=reconstruct_epochs,
         )
         for pl in placements
     }

@@ -37,6 +37,7 @@ from .common import (
     load_options,
     parse_solver_opts,
     pipeline_options,
+    reconstruction_option,
     setup_logging,
 )
 
@@ -303,6 +304,16 @@ def replay_budget(run_plan, offload) -> int:
     return max(0, (run_plan.budget - run_plan.chosen.peak_device) // 2)
 
 
+def reconstruct_epochs(args) -> int:
+    """Epochs of the reconstruction this run will do (0: none), as the pipeline will resolve it."""
+    from ..pipeline import resolve_reconstruction
+
+    rec = resolve_reconstruction(
+        args.method, resolve_spec(args), reconstruction_option(args), faithful=args.faithful
+    )
+    return rec.epochs if rec is not None else 0
+
+
 def memory_plan(args, nsamples, seqlen, device, world_size, sequential, dense_target):
     """The memory plan of this run (config only), or ``None`` when a real run cannot read the config
     (the load reports that); ``--dry-run`` reports it here."""
@@ -328,6 +339,7 @@ def memory_plan(args, nsamples, seqlen, device, world_size, sequential, dense_ta
             offload=args.offload_activations,
             precision_bytes=8 if opts.get("precision") == "float64" else 4,
             eval_seqlen=args.eval_seqlen,
+            reconstruct_epochs=reconstruct_epochs(args),
         )
     except ValueError as exc:  # a bad --max-memory, or an unreadable config
         if args.dry_run or not isinstance(exc, AlpsPruneError):
