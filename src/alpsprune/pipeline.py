@@ -63,9 +63,14 @@ FAITHFUL = {"sequential": "block", "dense_target": False, "allocation": "uniform
 # apply only *above* 60%: at 60% the three pipelines were within run-to-run noise of each other (two
 # runs: faithful 60.50/59.36, dense target 59.86/60.07, + OWL 59.69/59.76) and the paper's is 20–35%
 # faster; at 65% the dense target gave −8% (78.06 vs 84.93). Wanda, DSnoT and magnitude run as published.
+# Issue 18: above 60% ALPS also reconstructs every block towards the dense block's outputs
+# (alpsprune.reconstruct; 70%: 102.67 → 78.43 held-out wiki, 187.65 → 138.03 lee; bench/results/quality.md).
 _CORRECTED = {"sequential": "sublayer", "dense_target": True, "allocation": "uniform"}
 RECOMMENDED = {
-    "alps": {"unstructured": {**_CORRECTED, "allocation": "owl", "above_sparsity": 0.6}, "nm": FAITHFUL},
+    "alps": {
+        "unstructured": {**_CORRECTED, "allocation": "owl", "reconstruct": True, "above_sparsity": 0.6},
+        "nm": FAITHFUL,
+    },
     "sparsegpt": {"unstructured": _CORRECTED, "nm": _CORRECTED},
 }
 
@@ -453,7 +458,7 @@ def prune_model(
     :param device: compute device (default: CUDA if available, else CPU).
     :param faithful: the paper's pipeline exactly: ``sequential="block"``, no dense target, uniform
         sparsity. Otherwise options left at ``None`` come from the method's recommended recipe
-        (:data:`RECOMMENDED`: ALPS above 60% unstructured sparsity dense target + OWL, otherwise
+        (:data:`RECOMMENDED`: ALPS above 60% unstructured sparsity dense target + OWL + reconstruction, otherwise
         the paper's pipeline; SparseGPT dense target; see :func:`resolve_recipe`).
     :param sequential: ``"block"`` — all grams of a block from one pass over the dense block (the
         authors' choice); ``"sublayer"`` — re-collect the grams of later linears after the earlier

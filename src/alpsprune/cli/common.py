@@ -120,7 +120,7 @@ def add_pruning_args(p: argparse.ArgumentParser, single: bool = True) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="after each block's layers are solved, train its kept weights (masks fixed) towards the "
-        "dense block's outputs with Adam (default: recipe)",
+        "dense block's outputs with Adam (default: recipe; on for alps at unstructured sparsity above 60%%)",
     )
     g.add_argument(
         "--reconstruct-epochs",
@@ -134,7 +134,7 @@ def add_pruning_args(p: argparse.ArgumentParser, single: bool = True) -> None:
         type=float,
         default=None,
         metavar="LR",
-        help="Adam learning rate, cosine-decayed per block (default 1e-4; implies --reconstruct)",
+        help="Adam learning rate, cosine-decayed per block (default 3e-3; implies --reconstruct)",
     )
     g.add_argument(
         "--dampening-frac",
