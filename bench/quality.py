@@ -222,7 +222,10 @@ def write_table(data: dict, out: Path) -> None:
         f"tokens of {s['calibration']['source']}; held-out perplexity on ≤{s['evaluation']['max_windows']} "
         f"windows of {s['evaluation']['seqlen']} tokens of each domain (test parts). Dense: "
         + ", ".join(f"{d} **{v:.2f}**" for d, v in dense.items())
-        + ". One run at a time, 1 thread; prune seconds include the allocation search. Rows marked † are "
+        + ". 1 thread per run; runs shared the 2 cores with up to 3 other jobs, so compare CPU seconds (the "
+        "time ratio uses them); prune seconds include the allocation search. `recon`: the reconstruction "
+        "settings are in each run's record (lr 3e-3, 2 epochs, chosen on validation text by "
+        "`bench/reconstruct_lr.py`; the 0.7 seed-0 row is that script's run). Rows marked † are "
         "earlier runs with the same calibration and wiki evaluation (issue 9, `bench/results/beyond_*.json`, "
         "two runs at a time): wiki only.",
         "",
@@ -353,7 +356,7 @@ def main() -> None:
         save(path, data)
         print(f"dense: {data['dense']}", flush=True)
     for spec in [x.strip() for x in args.runs.split(",") if x.strip()]:
-        pattern, variant, seed = spec.split(":")
+        pattern, variant, seed = spec.rsplit(":", 2)
         if variant not in VARIANTS:
             raise SystemExit(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
         if any(
