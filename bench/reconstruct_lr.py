@@ -34,7 +34,7 @@ def run(args) -> dict:
     torch.set_num_threads(1)
     model, tok = alpsprune.load_model(None)
     calib = get_calibration("wiki-excerpt", tok, 32, 512, seed=0)
-    rec = Reconstruction(epochs=args.epochs, lr=args.lr) if args.epochs > 0 else False
+    rec = Reconstruction(epochs=args.epochs, lr=args.lr, loss=args.loss) if args.epochs > 0 else False
     t0, cpu0 = time.perf_counter(), time.process_time()
     report = alpsprune.prune_model(
         model, calib, method="alps", sparsity=args.sparsity, progress=False, reconstruction=rec
@@ -51,6 +51,7 @@ def run(args) -> dict:
         "sparsity": args.sparsity,
         "epochs": args.epochs,
         "lr": args.lr,
+        "loss": args.loss,
         "validation_lee_train": ppl("lee", "train", 20),
         "heldout": {"wiki-excerpt": ppl("wiki-excerpt", None, 40), "lee": ppl("lee", None, 40)},
         "seconds": seconds,
@@ -66,14 +67,14 @@ def table(runs: list[dict]) -> str:
         "SmolLM2-135M, calibration 32×512 wiki-excerpt; held-out columns are *not* used to choose. "
         "`python bench/reconstruct_lr.py --sparsity S --epochs E --lr LR`.",
         "",
-        "| sparsity | epochs | lr | validation ppl | wiki test | lee test | CPU s | mean block MSE drop |",
-        "|---|---|---|---|---|---|---|---|",
+        "| sparsity | epochs | lr | loss | validation ppl | wiki test | lee test | CPU s | mean block loss drop |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(runs, key=lambda r: (r["sparsity"], r["epochs"], r["lr"])):
+    for r in sorted(runs, key=lambda r: (r["sparsity"], r.get("loss", "mse"), r["epochs"], r["lr"])):
         drops = r.get("block_mse_drop") or []
         drop = f"{100 * sum(drops) / len(drops):.1f}%" if drops else "—"
         lines.append(
-            f"| {r['sparsity']} | {r['epochs']} | {r['lr']:g} | {r['validation_lee_train']:.2f} | "
+            f"| {r['sparsity']} | {r['epochs']} | {r['lr']:g} | {r.get('loss', 'mse')} | {r['validation_lee_train']:.2f} | "
             f"{r['heldout']['wiki-excerpt']:.2f} | {r['heldout']['lee']:.2f} | {r['cpu_seconds']:.0f} | {drop} |"
         )
     return "\n".join(lines) + "\n"
@@ -84,6 +85,7 @@ def main() -> None:
     p.add_argument("--sparsity", type=float, default=0.7)
     p.add_argument("--epochs", type=int, default=2, help="0: no reconstruction (the baseline)")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--loss", choices=("mse", "token"), default="mse", help="see alpsprune.reconstruct.Reconstruction")
     p.add_argument("--table", action="store_true", help="only rewrite the markdown table")
     args = p.parse_args()
     runs = json.loads(OUT.read_text()) if OUT.is_file() else []

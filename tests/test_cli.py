@@ -191,6 +191,8 @@ def test_compare_writes_json_md_png(setup):
         ["prune", "--reconstruct-lr", "-1"],
         ["prune", "--faithful", "--reconstruct"],
         ["prune", "--no-reconstruct", "--reconstruct-epochs", "3"],
+        ["prune", "--reconstruct-loss", "l1"],
+        ["prune", "--no-reconstruct", "--reconstruct-loss", "token"],
         ["eval", "--ppl", "none"],
         ["compare", "--methods", "magnitude,bogus"],
         ["compare", "--sparsities", "0.5,abc"],

@@ -12,7 +12,7 @@ from tiny_models import ARCHS, make_tiny_model, tiny_input_ids
 import alpsprune
 from alpsprune.errors import AlpsPruneError
 from alpsprune.models import find_decoder_blocks, list_target_layers
-from alpsprune.reconstruct import Reconstruction, reconstruct_block
+from alpsprune.reconstruct import Reconstruction, output_error, reconstruct_block
 from alpsprune.streaming import ActivationStream, Placement
 
 CPU = torch.device("cpu")
@@ -142,6 +142,52 @@ def test_reconstruction_is_reproducible_and_not_the_papers_algorithm():
 def test_bad_settings_are_refused(epochs, lr):
     with pytest.raises(ValueError, match="reconstruction"):
         Reconstruction(epochs=epochs, lr=lr)
+    with pytest.raises(ValueError, match="loss must be one of mse, token"):
+        Reconstruction(loss="l1")
+
+
+def test_token_loss_is_the_error_relative_to_each_tokens_dense_rms():
+    """Against a loop over tokens: token t's error divided by the RMS of its dense output, so a token
+    with a 'massive activation' 100× the others' weighs as much as any other token, not 10⁴× more."""
+    torch.manual_seed(0)
+    target = torch.randn(2, 5, 8, dtype=torch.float64)
+    target[0, 0] *= 100.0  # a massive-activation token
+    out = target + 0.1 * torch.randn_like(target)
+    expected = torch.empty_like(target)
+    for i in range(2):
+        for t in range(5):
+            rms = (sum(float(v) ** 2 for v in target[i, t]) / 8) ** 0.5
+            expected[i, t] = (out[i, t] - target[i, t]) / rms
+    assert torch.allclose(output_error(out, target, "token"), expected, rtol=1e-12, atol=0)
+    assert torch.equal(output_error(out, target, "mse"), out - target)
+    plain = (out - target).pow(2).mean(dim=-1)
+    relative = output_error(out, target, "token").pow(2).mean(dim=-1)
+    # the noise is the same size on every token: in plain MSE the massive token has its 1/10 share,
+    # relative to its own RMS its error is ~100× smaller
+    assert float(plain[0, 0] / plain.sum()) == pytest.approx(0.1, abs=0.08)
+    assert float(relative[0, 0] / relative.sum()) < 1e-3
+
+
+def test_token_loss_trains_keeping_masks_and_reports_its_own_loss():
+    dense, pruned, masks = _pruned_mlp_block()
+    placement = Placement.make(CPU, False, None)
+    torch.manual_seed(0)
+    xs = [torch.randn(2, 8, 16) for _ in range(4)]
+    xs[0][0, 0] *= 50.0  # one token far larger than the rest
+    with torch.no_grad():
+        inputs = ActivationStream([x.clone() for x in xs], placement)
+        targets = ActivationStream([dense(x) for x in xs], placement)
+    zeros = {id(p): (p == 0).clone() for p in masks}
+    stats = reconstruct_block(
+        pruned, masks, inputs, targets, lambda b: {}, Reconstruction(epochs=20, lr=1e-2, loss="token")
+    )
+    assert stats["kept"] and stats["mse_after"] < 0.5 * stats["mse_before"]
+    for p in masks:
+        assert bool((p[zeros[id(p)]] == 0).all())
+    with torch.no_grad():  # the reported numbers are the token-relative loss, recomputed here
+        errors = [output_error(pruned(x).double(), dense(x).double(), "token") for x in xs]
+        direct = sum(float(e.pow(2).sum()) for e in errors) / sum(e.numel() for e in errors)
+    assert stats["mse_after"] == pytest.approx(direct, rel=1e-9)
 
 
 def test_resume_restores_every_parameter_reconstruction_moved(tmp_path, monkeypatch):

@@ -137,6 +137,13 @@ def add_pruning_args(p: argparse.ArgumentParser, single: bool = True) -> None:
         help="Adam learning rate, cosine-decayed per block (default 3e-3; implies --reconstruct)",
     )
     g.add_argument(
+        "--reconstruct-loss",
+        choices=("mse", "token"),
+        default=None,
+        help="mse: plain block-output error; token: each token's error relative to its dense RMS, "
+        "as the next RMSNorm sees it (default mse; implies --reconstruct)",
+    )
+    g.add_argument(
         "--dampening-frac",
         type=float,
         default=None,
@@ -318,12 +325,16 @@ def reconstruction_option(args):
 
     tuned = {
         key: value
-        for key, value in (("epochs", args.reconstruct_epochs), ("lr", args.reconstruct_lr))
+        for key, value in (
+            ("epochs", args.reconstruct_epochs),
+            ("lr", args.reconstruct_lr),
+            ("loss", args.reconstruct_loss),
+        )
         if value is not None
     }
     if args.reconstruct is False:
         if tuned:
-            raise UsageError("--no-reconstruct cannot be combined with --reconstruct-epochs/--reconstruct-lr")
+            raise UsageError("--no-reconstruct cannot be combined with --reconstruct-epochs/-lr/-loss")
         return False
     if not tuned:
         return args.reconstruct
