@@ -18,7 +18,8 @@ Variants (every pipeline option spelled out):
   :mod:`alpsprune.evo` (the seed is the search's seed).
 * ``dense+sublayer`` — dense target + sublayer, uniform allocation.
 * ``recon`` — ``default`` plus local reconstruction of every block (:mod:`alpsprune.reconstruct`,
-  ``--recon-epochs`` / ``--recon-lr``, recorded per run); where ``default`` is the paper's pipeline
+  ``--recon-epochs`` / ``--recon-lr`` / ``--recon-loss``, recorded per run and shown in the table,
+  so runs with other settings are other rows); where ``default`` is the paper's pipeline
   (≤ 60%, N:M) the layer fits stay the paper's (``sequential="block"``, no dense target).
 """
 
@@ -75,7 +76,9 @@ def run_single(args, pattern: str, variant: str, seed: int) -> dict:
     if options.get("reconstruction"):
         from alpsprune.reconstruct import Reconstruction
 
-        options["reconstruction"] = Reconstruction(epochs=args.recon_epochs, lr=args.recon_lr, seed=seed)
+        options["reconstruction"] = Reconstruction(
+            epochs=args.recon_epochs, lr=args.recon_lr, seed=seed, loss=args.recon_loss
+        )
         extra["reconstruction"] = options["reconstruction"].to_dict()
     t0, cpu0 = time.perf_counter(), time.process_time()  # CPU time: comparable on a shared machine
     if options.get("allocation") == "evo":
@@ -165,9 +168,21 @@ def dense_ppl(args) -> dict:
 # ---- table and plot ------------------------------------------------------------------------------
 
 
+def recon_tag(settings: dict | None) -> str:
+    """``2 ep, lr 0.003, mse`` for a reconstruction's settings ("" for none; old records had no loss)."""
+    if not settings:
+        return ""
+    return f"{settings['epochs']} ep, lr {settings['lr']:g}, {settings.get('loss', 'mse')}"
+
+
+def label(r: dict) -> str:
+    tag = recon_tag(r.get("reconstruction"))
+    return f"{r['variant']} ({tag})" if tag else r["variant"]
+
+
 def _key(r: dict) -> tuple:
     p = r["pattern"]
-    return (":" in p, p, list(VARIANTS).index(r["variant"]), r["seed"])
+    return (":" in p, p, list(VARIANTS).index(r["variant"]), recon_tag(r.get("reconstruction")), r["seed"])
 
 
 # earlier runs with the same calibration and wiki evaluation (issue 9, bench/results/beyond_*.json): shown
@@ -223,9 +238,9 @@ def write_table(data: dict, out: Path) -> None:
         f"windows of {s['evaluation']['seqlen']} tokens of each domain (test parts). Dense: "
         + ", ".join(f"{d} **{v:.2f}**" for d, v in dense.items())
         + ". 1 thread per run; runs shared the 2 cores with up to 3 other jobs, so compare CPU seconds (the "
-        "time ratio uses them); prune seconds include the allocation search. `recon`: the reconstruction "
-        "settings are in each run's record (lr 3e-3, 2 epochs, chosen on validation text by "
-        "`bench/reconstruct_lr.py`; the 0.7 seed-0 row is that script's run). Rows marked † are "
+        "time ratio uses them); prune seconds include the allocation search. `recon (epochs, lr, loss)`: "
+        "settings chosen on validation text by `bench/reconstruct_lr.py` (its runs at the same calibration "
+        "are the 0.7 seed-0 rows). Rows marked † are "
         "earlier runs with the same calibration and wiki evaluation (issue 9, `bench/results/beyond_*.json`, "
         "two runs at a time): wiki only.",
         "",
@@ -245,7 +260,7 @@ def write_table(data: dict, out: Path) -> None:
         cpu = f"{r['cpu_seconds']:.0f}" if "cpu_seconds" in r else "—"
         mark = " †" if "ref" in r else ""
         md.append(
-            f"| {r['pattern']} | {r['variant']}{mark} | {r['seed']} | {r['ppl']['wiki-excerpt']:.2f} | "
+            f"| {r['pattern']} | {label(r)}{mark} | {r['seed']} | {r['ppl']['wiki-excerpt']:.2f} | "
             f"{lee} | {r['seconds']:.0f} | {cpu} | {change} |"
         )
     evo_runs = [r for r in runs if "evo" in r]
@@ -276,10 +291,11 @@ def plot(runs: list[dict], dense: dict, path: Path) -> None:
     FigureCanvasAgg(fig)
     for k, domain in enumerate(DOMAINS):
         ax = fig.add_subplot(1, 2, k + 1)
-        for color, variant in enumerate(VARIANTS):  # one colour per variant in both panels
+        labels = sorted({label(r) for r in runs}, key=lambda x: (list(VARIANTS).index(x.split(" ")[0]), x))
+        for color, variant in enumerate(labels):  # one colour per variant (and settings) in both panels
             pts: dict[float, list[float]] = {}
             for r in runs:
-                if r["variant"] == variant and ":" not in r["pattern"] and domain in r["ppl"]:
+                if label(r) == variant and ":" not in r["pattern"] and domain in r["ppl"]:
                     pts.setdefault(float(r["pattern"]), []).append(r["ppl"][domain])
             if pts:
                 xs = sorted(pts)
@@ -310,8 +326,9 @@ def main() -> None:
     p.add_argument("--evo-generations", type=int, default=20)
     p.add_argument("--recon-epochs", type=int, default=2, help="reconstruction epochs (variant recon)")
     p.add_argument(
-        "--recon-lr", type=float, default=1e-4, help="reconstruction learning rate (variant recon)"
+        "--recon-lr", type=float, default=3e-3, help="reconstruction learning rate (variant recon)"
     )
+    p.add_argument("--recon-loss", choices=("mse", "token"), default="mse", help="reconstruction loss")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(RESULTS / "quality"), help="output prefix (.json/.md/.png)")
     p.add_argument("--single", nargs=3, metavar=("PATTERN", "VARIANT", "SEED"), help=argparse.SUPPRESS)
@@ -337,6 +354,7 @@ def main() -> None:
         "--calib-seed", str(args.calib_seed), "--eval-seqlen", str(args.eval_seqlen),
         "--max-windows", str(args.max_windows), "--evo-generations", str(args.evo_generations),
         "--recon-epochs", str(args.recon_epochs), "--recon-lr", str(args.recon_lr),
+        "--recon-loss", args.recon_loss,
         "--threads", str(args.threads),
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}
@@ -359,8 +377,15 @@ def main() -> None:
         pattern, variant, seed = spec.rsplit(":", 2)
         if variant not in VARIANTS:
             raise SystemExit(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+        wanted = (
+            recon_tag({"epochs": args.recon_epochs, "lr": args.recon_lr, "loss": args.recon_loss})
+            if VARIANTS[variant].get("reconstruction")
+            else ""
+        )
         if any(
-            (r["pattern"], r["variant"], r["seed"]) == (pattern, variant, int(seed)) for r in data["runs"]
+            (r["pattern"], r["variant"], r["seed"], recon_tag(r.get("reconstruction")))
+            == (pattern, variant, int(seed), wanted)
+            for r in data["runs"]
         ):
             print(f"{spec}: already measured, skipped", flush=True)
             continue

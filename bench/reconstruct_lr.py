@@ -85,7 +85,9 @@ def main() -> None:
     p.add_argument("--sparsity", type=float, default=0.7)
     p.add_argument("--epochs", type=int, default=2, help="0: no reconstruction (the baseline)")
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--loss", choices=("mse", "token"), default="mse", help="see alpsprune.reconstruct.Reconstruction")
+    p.add_argument(
+        "--loss", choices=("mse", "token"), default="mse", help="see alpsprune.reconstruct.Reconstruction"
+    )
     p.add_argument("--table", action="store_true", help="only rewrite the markdown table")
     args = p.parse_args()
     runs = json.loads(OUT.read_text()) if OUT.is_file() else []

@@ -109,7 +109,9 @@ def block_mse(
     """Mean squared error (``loss``: see :class:`Reconstruction`) of the block's outputs against
     ``targets`` over all batches of all ranks, summed in the single process's batch order (so every
     rank, and one process, get the same number)."""
-    rows = (parallel or single_process()).all_gather_rows(_batch_losses(block, inputs, targets, kwargs_of, loss))
+    rows = (parallel or single_process()).all_gather_rows(
+        _batch_losses(block, inputs, targets, kwargs_of, loss)
+    )
     total, count = 0.0, 0.0
     for loss, n in rows.tolist():
         total += loss
