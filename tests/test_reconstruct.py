@@ -44,7 +44,7 @@ def test_masks_hold_and_block_error_drops():
         targets = ActivationStream([dense(x) for x in xs], placement)
     zeros = {id(p): (p == 0).clone() for p in masks}
     stats = reconstruct_block(
-        pruned, masks, inputs, targets, lambda b: {}, Reconstruction(epochs=20, lr=1e-2)
+        pruned, masks, inputs, targets, lambda b: {}, Reconstruction(epochs=20, lr=1e-2, loss="mse")
     )
     assert stats["kept"] and stats["mse_after"] < 0.5 * stats["mse_before"]
     for p in masks:  # every pruned weight is still exactly zero

@@ -182,7 +182,9 @@ def _recipe(settings: Mapping[str, Any]) -> str:
     ]
     rec = settings.get("reconstruction")
     if rec:
-        parts.append(f"reconstruction={rec.get('epochs')} epochs at lr {rec.get('lr')}")
+        parts.append(
+            f"reconstruction={rec.get('epochs')} epochs at lr {rec.get('lr')} ({rec.get('loss', 'mse')} loss)"
+        )
     return ", ".join(parts)
 
 

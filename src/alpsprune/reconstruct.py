@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -42,35 +42,46 @@ def output_error(out: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Te
     return diff
 
 
+# Settings a Reconstruction leaves unset take these (alpsprune.pipeline.RECOMMENDED may set its own
+# per pattern). All chosen on validation text (bench/reconstruct_lr.py: the ``lee`` stories' train part,
+# never the held-out windows), ALPS at 70% on SmolLM2-135M: lr 1e-4 / 3e-4 / 1e-3 / 3e-3 / 1e-2 gave
+# 175.8 / 172.1 / 153.0 / 139.3 / 157.7 (2 epochs, mse); loss mse / token 139.3 / 132.6 (2 epochs) and
+# 121.1 / 118.2 (4 epochs).
+DEFAULTS = {"epochs": 4, "lr": 3e-3, "loss": "token"}
+
+
 @dataclass(frozen=True)
 class Reconstruction:
-    """Settings of the per-block reconstruction.
+    """Settings of the per-block reconstruction; a setting left ``None`` is the recipe's
+    (:meth:`resolved`), so ``Reconstruction(lr=1e-3)`` means "the recipe, at lr 1e-3".
 
     :param epochs: passes over the calibration batches per block.
-    :param lr: Adam learning rate (cosine-decayed to zero over the block's steps). The default was
-        chosen on validation text (``bench/reconstruct_lr.py``: the ``lee`` train part, never the
-        held-out windows): at 70% on SmolLM2-135M 1e-4 / 3e-4 / 1e-3 / 3e-3 / 1e-2 gave 175.8 /
-        172.1 / 153.0 / 139.3 / 157.7.
-    :param seed: order of the batches (with the block index), so reruns and resumes are identical.
+    :param lr: Adam learning rate (cosine-decayed to zero over the block's steps).
     :param loss: ``"mse"`` — plain mean squared error of the block outputs; ``"token"`` — each
         token's error divided by that token's dense output RMS. The next block and the final norm
         see every token through an RMSNorm, i.e. relative to its RMS; a few tokens carry "massive
         activations" hundreds of times the others' and dominate plain MSE (at 70% the block MSE
         falls only 1–4% while perplexity falls 25%), so the relative error is what matters downstream.
+    :param seed: order of the batches (with the block index), so reruns and resumes are identical.
     """
 
-    epochs: int = 2
-    lr: float = 3e-3
+    epochs: int | None = None
+    lr: float | None = None
+    loss: str | None = None
     seed: int = 0
-    loss: str = "mse"
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
+        if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"reconstruction epochs must be ≥ 1, got {self.epochs}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"reconstruction lr must be a positive number, got {self.lr}")
-        if self.loss not in LOSSES:
+        if self.loss is not None and self.loss not in LOSSES:
             raise ValueError(f"reconstruction loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+
+    def resolved(self, recipe: dict | None = None) -> Reconstruction:
+        """Every unset setting filled: from ``recipe`` (a pattern's settings), else :data:`DEFAULTS`."""
+        fill = {**DEFAULTS, **(recipe or {})}
+        return replace(self, **{k: fill[k] for k in DEFAULTS if getattr(self, k) is None})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -141,6 +152,7 @@ def reconstruct_block(
     Returns the block-output MSE before and after.
     """
     parallel = parallel or single_process()
+    settings = settings.resolved()
     params = [p for p in block.parameters() if p.is_floating_point()]
     dtypes = [p.dtype for p in params]
     before = block_mse(block, inputs, targets, kwargs_of, parallel, settings.loss)

@@ -120,14 +120,15 @@ def add_pruning_args(p: argparse.ArgumentParser, single: bool = True) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="after each block's layers are solved, train its kept weights (masks fixed) towards the "
-        "dense block's outputs with Adam (default: recipe; on for alps at unstructured sparsity above 60%%)",
+        "dense block's outputs with Adam (default: recipe; on for alps)",
     )
     g.add_argument(
         "--reconstruct-epochs",
         type=int,
         default=None,
         metavar="N",
-        help="passes over the calibration batches per block (default 2; implies --reconstruct)",
+        help="passes over the calibration batches per block (default: recipe; alps: 4 above 60%% "
+        "unstructured sparsity, else 2; implies --reconstruct)",
     )
     g.add_argument(
         "--reconstruct-lr",
@@ -141,7 +142,7 @@ def add_pruning_args(p: argparse.ArgumentParser, single: bool = True) -> None:
         choices=("mse", "token"),
         default=None,
         help="mse: plain block-output error; token: each token's error relative to its dense RMS, "
-        "as the next RMSNorm sees it (default mse; implies --reconstruct)",
+        "as the next RMSNorm sees it (default token; implies --reconstruct)",
     )
     g.add_argument(
         "--dampening-frac",
@@ -336,8 +337,8 @@ def reconstruction_option(args):
         if tuned:
             raise UsageError("--no-reconstruct cannot be combined with --reconstruct-epochs/-lr/-loss")
         return False
-    if not tuned:
-        return args.reconstruct
+    if not tuned and args.reconstruct is None:
+        return None  # the recipe decides
     try:
         return Reconstruction(**tuned, seed=getattr(args, "seed", 0) or 0)
     except ValueError as exc:

@@ -560,7 +560,9 @@ def _is_faithful(settings: dict) -> bool:
 
 def _reconstruction_text(settings: dict) -> str:
     rec = settings.get("reconstruction")
-    return f", reconstruction={rec['epochs']} epochs at lr {rec['lr']:g}" if rec else ""
+    if not rec:
+        return ""
+    return f", reconstruction={rec['epochs']} epochs at lr {rec['lr']:g} ({rec.get('loss', 'mse')} loss)"
 
 
 def summary(report, out: Path) -> str:
