@@ -104,7 +104,11 @@ def test_prune_unstructured_writes_documented_files(setup, pruned):
 
     # the default recipe at 70%: dense target + OWL, so per-layer sparsities vary around 70% (total exact)
     assert report["settings"]["allocation"] == "owl" and report["settings"]["dense_target"]
-    assert "pipeline: sequential=sublayer, dense_target=True, allocation=owl" in stdout
+    assert (
+        "pipeline: sequential=sublayer, dense_target=True, allocation=owl, "
+        "reconstruction=4 epochs at lr 0.003 (token loss)" in stdout
+    )
+    assert report["settings"]["reconstruction"] == {"epochs": 4, "lr": 3e-3, "loss": "token", "seed": 0}
     assert_png(out / "allocation.png")
     recorded = {layer["name"]: layer["sparsity"] for layer in report["layers"]}
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -113,6 +117,21 @@ def test_prune_unstructured_writes_documented_files(setup, pruned):
         zeros = float((w == 0).float().mean())
         assert abs(zeros - recorded[f"model.layers.{i}.mlp.down_proj"]) < 1e-3
         assert 0.5 - 1e-6 <= zeros <= 0.9 + 1e-6  # OWL's default bounds: s ± 0.2
+
+
+def test_low_sparsity_recipe_reconstructs_after_the_papers_fits_and_takes_overrides(setup):
+    out = setup["root"] / "pruned-alps-50"
+    argv = prune_args(setup) + ["--sparsity", "0.5", "--reconstruct-lr", "1e-3", "--output", str(out)]
+    code, stdout, stderr = run_cli(argv)
+    assert code == 0, stderr
+    # the recipe's epochs (2 at 60% and below), the lr given, the paper's layer fits
+    assert (
+        "pipeline: sequential=block, dense_target=False, allocation=uniform, "
+        "reconstruction=2 epochs at lr 0.001 (token loss)" in stdout
+    )
+    assert "(the paper's, --faithful)" not in stdout
+    settings = json.loads((out / "report.json").read_text())["settings"]
+    assert settings["reconstruction"] == {"epochs": 2, "lr": 1e-3, "loss": "token", "seed": 0}
 
 
 def test_prune_2of4(setup):

@@ -229,3 +229,29 @@ def test_resume_restores_every_parameter_reconstruction_moved(tmp_path, monkeypa
         assert torch.equal(a, b), name
         moved += int(not torch.equal(a, dense) and "norm" in name)
     assert moved > 0  # the check covered parameters outside the target linears
+
+
+def test_recipe_settings_per_pattern_and_overrides():
+    """ALPS reconstructs by default: 4 epochs above 60% (after dense target + OWL), 2 after the paper's
+    layer fits at 60% and below and at N:M; a Reconstruction's unset fields are the recipe's."""
+    from alpsprune.pipeline import resolve_recipe, resolve_reconstruction
+    from alpsprune.reconstruct import DEFAULTS
+    from alpsprune.sparsity import SparsitySpec
+
+    high, low, nm = SparsitySpec.parse(0.7), SparsitySpec.parse(0.6), SparsitySpec.parse(mask_structure="2:4")
+    assert resolve_reconstruction("alps", high) == Reconstruction(epochs=4, lr=3e-3, loss="token", seed=0)
+    for spec in (low, nm):
+        assert resolve_reconstruction("alps", spec) == Reconstruction(epochs=2, lr=3e-3, loss="token")
+        assert resolve_recipe("alps", spec)[:2] == ("block", False)  # the paper's layer fits
+    assert resolve_recipe("alps", high)[:3] == ("sublayer", True, "owl")
+    # only the unset fields come from the recipe; True is the recipe's settings
+    assert resolve_reconstruction("alps", low, Reconstruction(lr=1e-3, seed=5)) == Reconstruction(
+        epochs=2, lr=1e-3, loss="token", seed=5
+    )
+    assert resolve_reconstruction("alps", high, True).epochs == 4
+    assert resolve_reconstruction("alps", high, False) is None
+    assert resolve_reconstruction("alps", high, faithful=True) is None
+    # methods without it in their recipe: off unless asked, then the global defaults
+    assert resolve_reconstruction("sparsegpt", high) is None
+    assert resolve_reconstruction("sparsegpt", high, True) == Reconstruction(**DEFAULTS)
+    assert resolve_reconstruction("wanda", low, Reconstruction(loss="mse")).loss == "mse"

@@ -28,7 +28,6 @@ from .models import run_block
 from .parallel import Parallel, single_process
 from .streaming import ActivationStream
 
-
 LOSSES = ("mse", "token")
 
 
