@@ -310,24 +310,43 @@ def write_table(data: dict, out: Path) -> None:
     plot(runs, dense, out.with_suffix(".png"))
 
 
+# today's recipe (alpsprune.pipeline.RECOMMENDED for ALPS): the settings of its runs, by pattern kind
+RECIPE_LABELS = {"low": "recon (2 ep, lr 0.003, token)", "high": "recon (4 ep, lr 0.003, token)"}
+
+
 def plot(runs: list[dict], dense: dict, path: Path) -> None:
+    """Perplexity vs unstructured sparsity: the paper's pipeline, the previous default and today's
+    recipe in bold; every other variant thin. Each point is the best seed (the table lists all)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    def series_of(r: dict) -> list[str]:
+        names = [label(r)]
+        if r["variant"] == "default" or (r["variant"] == "faithful" and _low(r["pattern"])):
+            names.append("previous default")
+        if label(r) == RECIPE_LABELS["low" if _low(r["pattern"]) else "high"]:
+            names.append("recipe (issue 18)")
+        return names
+
+    bold = ["faithful", "previous default", "recipe (issue 18)"]
+    unstructured = [r for r in runs if ":" not in r["pattern"]]
+    others = sorted({label(r) for r in unstructured} - set(bold) - {"default"} - set(RECIPE_LABELS.values()))
     fig = Figure(figsize=(10, 4.5))
     FigureCanvasAgg(fig)
     for k, domain in enumerate(DOMAINS):
         ax = fig.add_subplot(1, 2, k + 1)
-        labels = sorted({label(r) for r in runs}, key=lambda x: (list(VARIANTS).index(x.split(" ")[0]), x))
-        for color, variant in enumerate(labels):  # one colour per variant (and settings) in both panels
+        for color, name in enumerate(bold + others):  # one colour per series in both panels
             pts: dict[float, list[float]] = {}
-            for r in runs:
-                if label(r) == variant and ":" not in r["pattern"] and domain in r["ppl"]:
+            for r in unstructured:
+                if name in series_of(r) and domain in r["ppl"]:
                     pts.setdefault(float(r["pattern"]), []).append(r["ppl"][domain])
             if pts:
                 xs = sorted(pts)
-                ys = [min(pts[x]) for x in xs]  # best seed; the table lists every seed
-                ax.plot([100 * x for x in xs], ys, marker="o", color=f"C{color}", label=variant)
+                style = (
+                    {"lw": 2.2, "ms": 6} if name in bold else {"lw": 0.9, "ms": 3, "alpha": 0.6, "ls": "--"}
+                )
+                ys = [min(pts[x]) for x in xs]
+                ax.plot([100 * x for x in xs], ys, marker="o", color=f"C{color}", label=name, **style)
         if domain in dense:
             ax.axhline(dense[domain], color="gray", ls=":", label="dense")
             ax.axhline(3 * dense[domain], color="gray", ls="--", lw=0.8, label="3× dense")
@@ -335,7 +354,7 @@ def plot(runs: list[dict], dense: dict, path: Path) -> None:
         ax.set_xlabel("unstructured sparsity (%)")
         ax.set_ylabel("perplexity")
         ax.set_title(f"ALPS on SmolLM2-135M, {domain}")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
