@@ -34,14 +34,20 @@ def _pruned_mlp_block(hidden: int = 16) -> tuple[torch.nn.Module, torch.nn.Modul
     return dense, pruned, masks
 
 
+def _streams(dense: torch.nn.Module, xs: list[torch.Tensor]) -> tuple[ActivationStream, ActivationStream]:
+    """Inputs (copies of ``xs``) and the dense block's outputs on them, on the CPU."""
+    placement = Placement.make(CPU, False, None)
+    with torch.no_grad():
+        return ActivationStream([x.clone() for x in xs], placement), ActivationStream(
+            [dense(x) for x in xs], placement
+        )
+
+
 def test_masks_hold_and_block_error_drops():
     dense, pruned, masks = _pruned_mlp_block()
-    placement = Placement.make(CPU, False, None)
     torch.manual_seed(0)
     xs = [torch.randn(2, 8, 16) for _ in range(4)]
-    with torch.no_grad():
-        inputs = ActivationStream([x.clone() for x in xs], placement)
-        targets = ActivationStream([dense(x) for x in xs], placement)
+    inputs, targets = _streams(dense, xs)
     zeros = {id(p): (p == 0).clone() for p in masks}
     stats = reconstruct_block(
         pruned, masks, inputs, targets, lambda b: {}, Reconstruction(epochs=20, lr=1e-2, loss="mse")
@@ -170,13 +176,10 @@ def test_token_loss_is_the_error_relative_to_each_tokens_dense_rms():
 
 def test_token_loss_trains_keeping_masks_and_reports_its_own_loss():
     dense, pruned, masks = _pruned_mlp_block()
-    placement = Placement.make(CPU, False, None)
     torch.manual_seed(0)
     xs = [torch.randn(2, 8, 16) for _ in range(4)]
     xs[0][0, 0] *= 50.0  # one token far larger than the rest
-    with torch.no_grad():
-        inputs = ActivationStream([x.clone() for x in xs], placement)
-        targets = ActivationStream([dense(x) for x in xs], placement)
+    inputs, targets = _streams(dense, xs)
     zeros = {id(p): (p == 0).clone() for p in masks}
     stats = reconstruct_block(
         pruned, masks, inputs, targets, lambda b: {}, Reconstruction(epochs=20, lr=1e-2, loss="token")
